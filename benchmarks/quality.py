@@ -1,0 +1,125 @@
+"""Quality per compute: train both stages for the same wall-clock minutes on captioned shapes, then judge
+the cascade's images of fixed prompts with the shapes reader.
+
+Both libraries see the same batches (items ``16 k .. 16 k + 15`` of ``ShapesDataset(seed=0)`` at step k, at
+32 px for the base stage and 64 px for the super-resolution stage), the same text embeddings
+(``common.caption_embeddings``), the same optimiser (Adam, the same learning rate, gradient clipping 1.0)
+and no EMA (in minutes of training an EMA of 0.9999 would still be the initial weights). Only the time
+spent in training steps counts against the budget; rendering the batches is done before the clock runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import common
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _shapes():
+    sys.path.insert(0, str(REPO))  # the peer's venv reads the data set and the judge from the source tree
+    from imagen_lib.data.shapes import ShapesDataset, sample_captions
+    from imagen_lib.data.shapes_reader import score_shapes
+
+    return ShapesDataset, sample_captions, score_shapes
+
+
+class Batches:
+    """Batch k of the shapes data set at one size, with its text embeddings, rendered once and cached."""
+
+    def __init__(self, image_size: int, batch: int, device: torch.device, prefetch: int = 64):
+        shapes_dataset, _, _ = _shapes()
+        self.data = shapes_dataset(image_size=image_size, length=10_000_000, seed=0)
+        self.batch, self.device, self.prefetch = batch, device, prefetch
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def fill(self, start: int) -> None:
+        """Render batches ``start .. start + prefetch - 1`` (outside the timed region)."""
+        self.cache.clear()
+        for k in range(start, start + self.prefetch):
+            items = self.data.batch(range(k * self.batch, (k + 1) * self.batch))
+            embeds, mask = common.caption_embeddings(items["texts"])
+            self.cache[k] = (items["images"].to(self.device), embeds.to(self.device), mask.to(self.device))
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if k not in self.cache:
+            self.fill(k)
+        return self.cache[k]
+
+
+def train_stage(side: Any, stage: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Optimiser steps on ``stage`` until ``args.minutes`` of step time have passed."""
+    batches = Batches(32 if stage == "base" else 64, args.batch, device)
+    budget, spent, step, losses = args.minutes * 60.0, 0.0, 0, []
+    torch.manual_seed(1)
+    while spent < budget:
+        images, embeds, mask = batches[step]
+        start = time.perf_counter()
+        losses.append(side.step(stage, images, embeds, mask))
+        common.synchronize(device)
+        spent += time.perf_counter() - start
+        step += 1
+    tail = losses[-20:]
+    return {"steps": step, "seconds": spent, "images_seen": step * args.batch, "final_loss": sum(tail) / len(tail)}
+
+
+def judge(side: Any, device: torch.device, args: argparse.Namespace, sampler: str, steps: int,
+          save_to: Path | None = None) -> dict[str, Any]:
+    """Sample the eval prompts in batches of 16 with one sampler setting and score them."""
+    _, sample_captions, score_shapes = _shapes()
+    texts, attributes = sample_captions(args.eval_n, seed=1234)
+    embeds, mask = common.caption_embeddings(texts)
+    start, outs = time.perf_counter(), []
+    for i in range(0, len(texts), 16):
+        outs.append(side.sample(embeds[i:i + 16].to(device), mask[i:i + 16].to(device),
+                                cond_scale=args.cond_scale, steps=steps, sampler=sampler, seed=10_000 + i).cpu())
+    elapsed = time.perf_counter() - start
+    images = torch.cat(outs)
+    report = score_shapes(images, attributes, value_range=(0.0, 1.0))
+    if save_to is not None:
+        save_grid(images[:32], save_to)
+    return {"sampler": sampler, "steps": steps, "all_correct": report["all_correct"],
+            "accuracy": report["accuracy"], "seconds_per_image": elapsed / len(texts)}
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    from PIL import Image
+
+    n = images.shape[0]
+    rows = (n + columns - 1) // columns
+    size = images.shape[-1]
+    grid = torch.ones(3, rows * size, columns * size)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = img
+    array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def run(side: Any, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    training = {stage: train_stage(side, stage, device, args) for stage in ("base", "sr")}
+    artifacts = Path(args.artifacts) if args.artifacts else None
+    judged = []
+    for i, (sampler, steps) in enumerate(_sampler_list(args.samplers)):
+        grid = artifacts / f"quality_{args.lib}_{sampler}{steps}.png" if artifacts and i == 0 else None
+        judged.append(judge(side, device, args, sampler, steps, grid))
+    return {"minutes_per_stage": args.minutes, "batch": args.batch, "lr": args.lr, "eval_n": args.eval_n,
+            "cond_scale": args.cond_scale, "training": training, "judged": judged,
+            "params": {s: common.param_count(side.network(s)) for s in ("base", "sr")},
+            "peak_rss_mib": common.peak_rss_mib()}
+
+
+def _sampler_list(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        name, _, steps = item.partition(":")
+        out.append((name.strip(), int(steps)))
+    return out

@@ -1,0 +1,50 @@
+"""imagen_lib: cascaded text-to-image diffusion (Imagen) for research.
+
+Public names are imported lazily, so that ``import imagen_lib`` stays fast and never touches
+transformers (or the network) until a text encoder is actually asked for.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Unet": "imagen_lib.unet",
+    "EfficientUnet": "imagen_lib.efficient_unet",
+    "GaussianDiffusionContinuous": "imagen_lib.diffusion",
+    "ElucidatedDiffusion": "imagen_lib.diffusion",
+    "NoiseAugmentation": "imagen_lib.noise_augment",
+    "T5TextEncoder": "imagen_lib.text",
+    "Stage": "imagen_lib.cascade",
+    "SamplerSettings": "imagen_lib.cascade",
+    "Cascade": "imagen_lib.cascade",
+    "Trainer": "imagen_lib.trainer",
+    "ShapesDataset": "imagen_lib.data.shapes",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'imagen_lib' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # cache: the next access skips __getattr__
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:  # static tools see the real names
+    from imagen_lib.cascade import Cascade, SamplerSettings, Stage
+    from imagen_lib.data.shapes import ShapesDataset
+    from imagen_lib.diffusion import ElucidatedDiffusion, GaussianDiffusionContinuous
+    from imagen_lib.efficient_unet import EfficientUnet
+    from imagen_lib.noise_augment import NoiseAugmentation
+    from imagen_lib.text import T5TextEncoder
+    from imagen_lib.trainer import Trainer
+    from imagen_lib.unet import Unet

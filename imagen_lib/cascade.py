@@ -1,0 +1,535 @@
+"""The cascade: a text encoder (optional) and a list of stages, each a network, a diffusion process, an image
+size and sampler settings. It joins the parts and has no maths of its own: losses come from the diffusion
+processes, samplers from :mod:`imagen_lib.sampling`, guidance, thresholding and inpainting from
+:mod:`imagen_lib.guidance`, low-resolution conditioning noise from :mod:`imagen_lib.noise_augment`.
+
+Images are in [-1, 1] for training (:meth:`Cascade.forward`) and in [0, 1] (or PIL) out of
+:meth:`Cascade.sample`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imagen_lib import checkpoint as ckpt
+from imagen_lib import guidance, sampling
+from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config
+from imagen_lib.noise_augment import NoiseAugmentation
+
+CONFIG_FORMAT = "imagen_lib.cascade/1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# settings and stages
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplerSettings:
+    """How a stage samples; every field can be overridden per call.
+
+    Attributes:
+        sampler: a name in :data:`imagen_lib.sampling.SAMPLERS`; None (default) = the diffusion process's
+            ``default_sampler`` (``dpmpp_2m``).
+        steps: sampling steps; None (default) = the process's ``default_steps`` (25).
+        cond_scale: classifier-free guidance weight, default 3.0; 1.0 = no guidance (Imagen: 5-10,
+            NeMo's ``cfg``). Ignored by stages without text conditioning.
+        guidance_rescale: CFG rescale of Lin et al. 2023, default 0.0 (paper: 0.7).
+        threshold: ``"dynamic"`` (default, Imagen's), ``"static"`` (clip x0 to [-1, 1]) or ``"none"``.
+        threshold_percentile: dynamic thresholding percentile, default 0.995 (Imagen's).
+        threshold_max: optional cap on the dynamic threshold (DeepFloyd IF), default None.
+        lowres_aug_level: noise-augmentation level of the low-resolution input of a super-resolution stage
+            while sampling; None (default) = the stage's ``lowres_aug.sample_level`` (0.2).
+        options: extra keyword arguments of the sampler (``S_churn``, ``eta``, ...), default none.
+    """
+
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    cond_scale: float = 3.0
+    guidance_rescale: float = 0.0
+    threshold: Literal["dynamic", "static", "none"] = "dynamic"
+    threshold_percentile: float = 0.995
+    threshold_max: Optional[float] = None
+    lowres_aug_level: Optional[float] = None
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.sampler is not None:
+            sampling.get_sampler(self.sampler)  # raises with the list of choices
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps: expected None or a positive int, got {self.steps!r}")
+        if self.threshold not in ("dynamic", "static", "none"):
+            raise ValueError(f"threshold: expected 'dynamic', 'static' or 'none', got {self.threshold!r}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale: expected a value in [0, 1], got {self.guidance_rescale}")
+        if self.lowres_aug_level is not None and not 0.0 <= self.lowres_aug_level <= 1.0:
+            raise ValueError(f"lowres_aug_level: expected None or a level in [0, 1], got {self.lowres_aug_level}")
+        self.cond_scale = float(self.cond_scale)
+        self.options = dict(self.options)
+
+    @property
+    def config(self) -> dict:
+        """Plain JSON values; ``SamplerSettings(**settings.config)`` rebuilds it."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "SamplerSettings":
+        """A copy with some fields changed (unknown names raise)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"sampler settings: unknown field(s) {unknown}; expected some of {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Stage:
+    """One stage of a cascade.
+
+    Attributes:
+        net: a network following the network protocol (:class:`~imagen_lib.unet.Unet`,
+            :class:`~imagen_lib.efficient_unet.EfficientUnet`).
+        diffusion: :class:`~imagen_lib.diffusion.GaussianDiffusionContinuous` or
+            :class:`~imagen_lib.diffusion.ElucidatedDiffusion`.
+        image_size: side of the square images this stage produces.
+        sampler: its :class:`SamplerSettings`.
+        lowres_aug: the noise-conditioning augmentation of a super-resolution stage (its ``max_train_level``
+            is the training range, its ``sample_level`` the default sampling level); default
+            ``NoiseAugmentation()`` when ``net.lowres_cond``, None otherwise.
+    """
+
+    net: nn.Module
+    diffusion: Any
+    image_size: int
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    lowres_aug: Optional[NoiseAugmentation] = None
+
+    def __post_init__(self):
+        for attr in ("config", "channels", "lowres_cond", "text_embed_dim"):
+            if not hasattr(self.net, attr):
+                raise TypeError(f"net: expected a network with .{attr} (Unet or EfficientUnet), got {type(self.net).__name__}")
+        if type(self.diffusion).__name__ not in DIFFUSIONS:
+            raise TypeError(f"diffusion: expected one of {sorted(DIFFUSIONS)}, got {type(self.diffusion).__name__}")
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size: expected a positive int, got {self.image_size!r}")
+        if not isinstance(self.sampler, SamplerSettings):
+            raise TypeError(f"sampler: expected SamplerSettings, got {type(self.sampler).__name__}")
+        if self.net.lowres_cond and self.lowres_aug is None:
+            self.lowres_aug = NoiseAugmentation()
+
+    @property
+    def config(self) -> dict:
+        return {
+            "network": {"kind": type(self.net).__name__, "config": self.net.config},
+            "diffusion": {"kind": type(self.diffusion).__name__, "config": self.diffusion.config},
+            "image_size": self.image_size,
+            "sampler": self.sampler.config,
+            "lowres_aug": None if self.lowres_aug is None else self.lowres_aug.config,
+        }
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Resize (B, C, H, W) to (B, C, size, size): bilinear, antialiased when shrinking."""
+    if images.shape[-2:] == (size, size):
+        return images
+    shrinking = size < images.shape[-1] or size < images.shape[-2]
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the cascade
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Cascade(nn.Module):
+    """A cascade of diffusion stages with an optional text encoder.
+
+    Args:
+        stages: the stages, lowest resolution first; every stage after the first is a super-resolution
+            stage (``net.lowres_cond``) whose input is the previous stage's output.
+        text_encoder: a :class:`~imagen_lib.text.T5TextEncoder`, or None (default) to pass precomputed
+            ``text_embeds`` + ``text_mask`` everywhere (or for an unconditional cascade).
+        cond_drop_prob: probability of dropping the text of a training example, for classifier-free
+            guidance, default 0.1 (Imagen's; NeMo's ``drop_rate``).
+    """
+
+    def __init__(self, stages: Sequence[Stage], text_encoder: Optional[nn.Module] = None, cond_drop_prob: float = 0.1):
+        super().__init__()
+        stages = list(stages)
+        if not stages or not all(isinstance(s, Stage) for s in stages):
+            raise TypeError("stages: expected a non-empty list of Stage")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob: expected a probability in [0, 1), got {cond_drop_prob}")
+        self._check_stages(stages, text_encoder)
+        self.stages = stages
+        self.nets = nn.ModuleList([s.net for s in stages])  # registered so .to(), .parameters() see them
+        self.text_encoder = text_encoder
+        self.cond_drop_prob = float(cond_drop_prob)
+
+    @staticmethod
+    def _check_stages(stages: list[Stage], text_encoder) -> None:
+        if stages[0].net.lowres_cond:
+            raise ValueError("stages: the first stage must not be a super-resolution (lowres_cond) network")
+        for k, (prev, cur) in enumerate(zip(stages, stages[1:]), start=1):
+            if not cur.net.lowres_cond:
+                raise ValueError(f"stages: stage {k} follows another stage, so its net needs lowres_cond=True")
+            if cur.image_size < prev.image_size:
+                raise ValueError(f"stages: stage {k} has image_size {cur.image_size} < {prev.image_size} of stage {k - 1}")
+        channels = {s.net.channels for s in stages}
+        dims = {s.net.text_embed_dim for s in stages}
+        if len(channels) > 1 or len(dims) > 1:
+            raise ValueError(f"stages: all nets need the same channels and text_embed_dim, got {channels}, {dims}")
+        dim = dims.pop()
+        if text_encoder is not None and dim != text_encoder.embed_dim:
+            raise ValueError(f"text_encoder: embed_dim {text_encoder.embed_dim} differs from the nets' text_embed_dim {dim}")
+
+    # ----------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.nets.parameters()).device
+
+    @property
+    def text_embed_dim(self) -> Optional[int]:
+        """Width of the text embeddings the nets take (None: an unconditional cascade)."""
+        return self.stages[0].net.text_embed_dim
+
+    @property
+    def channels(self) -> int:
+        return self.stages[0].net.channels
+
+    @property
+    def config(self) -> dict:
+        """Plain JSON values that rebuild this cascade's architecture (:meth:`from_config`)."""
+        return {
+            "format": CONFIG_FORMAT,
+            "cond_drop_prob": self.cond_drop_prob,
+            "text_encoder": None if self.text_encoder is None else self.text_encoder.config,
+            "stages": [s.config for s in self.stages],
+        }
+
+    def _stage_index(self, stage: int, name: str = "stage") -> int:
+        n = len(self.stages)
+        if not isinstance(stage, int) or not -n <= stage < n:
+            raise ValueError(f"{name}: expected a stage index in [0, {n - 1}], got {stage!r}")
+        return stage % n
+
+    def condition(
+        self, batch: int, texts: Optional[Sequence[str]] = None, text_embeds: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None, text_encoder: Optional[nn.Module] = None,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The nets' ``(text_embeds, text_mask)`` for a batch, from ``texts`` or precomputed embeddings.
+
+        ``text_mask`` defaults to the non-zero rows of ``text_embeds`` (padded positions are zero).
+        Returns ``(None, None)`` for an unconditional cascade.
+        """
+        if texts is not None and text_embeds is not None:
+            raise ValueError("texts, text_embeds: pass one of them, not both")
+        if self.text_embed_dim is None:
+            if texts is not None or text_embeds is not None:
+                raise ValueError("texts: this cascade is unconditional (its nets take no text)")
+            return None, None
+        if texts is not None:
+            if isinstance(texts, str):
+                texts = [texts]
+            encoder = text_encoder if text_encoder is not None else self.text_encoder
+            if encoder is None:
+                raise ValueError("texts: this cascade has no text encoder; pass text_embeds and text_mask")
+            text_embeds, text_mask = encoder(list(texts))
+        elif text_embeds is None:
+            raise ValueError("texts: this cascade is text-conditioned; pass texts or text_embeds + text_mask")
+        if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.text_embed_dim:
+            raise ValueError(f"text_embeds: expected (B, N, {self.text_embed_dim}), got {tuple(text_embeds.shape)}")
+        if text_mask is None:
+            text_mask = text_embeds.abs().amax(-1) > 0
+        if text_mask.shape != text_embeds.shape[:2]:
+            raise ValueError(f"text_mask: expected shape {tuple(text_embeds.shape[:2])}, got {tuple(text_mask.shape)}")
+        if text_embeds.shape[0] != batch:
+            raise ValueError(f"text_embeds: expected {batch} rows (one per image), got {text_embeds.shape[0]}")
+        return text_embeds.to(self.device, torch.float32), text_mask.to(self.device).bool()
+
+    # ----------------------------------------------------------------------------------------------------
+    # training
+    # ----------------------------------------------------------------------------------------------------
+
+    def forward(
+        self, images: Tensor, texts: Optional[Sequence[str]] = None, text_embeds: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None, stage: int = 0, *, net: Optional[nn.Module] = None,
+        text_encoder: Optional[nn.Module] = None, generator: sampling.Generator = None,
+    ) -> Tensor:
+        """Training loss (scalar, mean over the batch) of ``stage`` on ``images`` (B, C, H, W) in [-1, 1].
+
+        Images are resized (antialiased) to the stage's size. A super-resolution stage gets as its
+        low-resolution input the images resized to the previous stage's size and back, noised by its
+        ``lowres_aug`` at a random level. In training mode each example's text is dropped with probability
+        ``cond_drop_prob`` (its mask row set to all False). ``net`` / ``text_encoder`` stand in for the
+        stage's own modules (the Trainer passes its distributed wrappers).
+        """
+        k = self._stage_index(stage)
+        st = self.stages[k]
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"images: expected a (B, {self.channels}, H, W) tensor in [-1, 1]")
+        images = images.to(self.device, torch.float32)
+        if images.detach().abs().max() > 1.01:
+            raise ValueError("images: expected values in [-1, 1] (got values outside; were they in [0, 255]?)")
+        b = images.shape[0]
+        embeds, mask = self.condition(b, texts, text_embeds, text_mask, text_encoder)
+        if embeds is not None and self.training and self.cond_drop_prob > 0:
+            keep = sampling.rand((b,), generator, self.device) >= self.cond_drop_prob
+            mask = mask & keep[:, None]
+            embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
+        kwargs: dict[str, Any] = {}
+        if embeds is not None:
+            kwargs.update(text_embeds=embeds, text_mask=mask)
+        if st.net.lowres_cond:
+            low = resize(resize(images, self.stages[k - 1].image_size), st.image_size)
+            kwargs["lowres_img"], kwargs["lowres_noise_cond"] = st.lowres_aug(low, None, generator)
+        x0 = resize(images, st.image_size)
+        return st.diffusion.loss(net if net is not None else st.net, x0, generator=generator, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------
+    # sampling
+    # ----------------------------------------------------------------------------------------------------
+
+    def _settings(self, k: int, steps, sampler, cond_scale, stage_overrides) -> SamplerSettings:
+        """Stage settings < call-wide arguments < ``stage_overrides[k]``."""
+        changes = {n: v for n, v in (("steps", steps), ("sampler", sampler), ("cond_scale", cond_scale)) if v is not None}
+        override = (stage_overrides or {}).get(k, {})
+        if isinstance(override, SamplerSettings):
+            return override
+        return self.stages[k].sampler.replace(**{**changes, **dict(override)})
+
+    def _denoiser(self, k: int, net: nn.Module, settings: SamplerSettings, kwargs: dict):
+        """The stage's denoiser with classifier-free guidance and thresholding wrapped around it."""
+        diffusion = self.stages[k].diffusion
+        guided = "text_embeds" in kwargs and settings.cond_scale != 1.0
+        if guided:  # doubled batch: conditional rows first, then the same rows with no text
+            doubled = {name: torch.cat([v, v]) for name, v in kwargs.items()}
+            doubled["text_mask"] = torch.cat([kwargs["text_mask"], torch.zeros_like(kwargs["text_mask"])])
+            doubled["text_embeds"] = torch.cat([kwargs["text_embeds"], torch.zeros_like(kwargs["text_embeds"])])
+            den = guidance.classifier_free_guidance(
+                diffusion.denoiser(net, **doubled), settings.cond_scale, settings.guidance_rescale
+            )
+        else:
+            den = diffusion.denoiser(net, **kwargs)
+        return guidance.thresholded(den, settings.threshold, settings.threshold_percentile, settings.threshold_max)
+
+    def _sample_stage(
+        self, k: int, net: nn.Module, settings: SamplerSettings, cond: dict, prev: Optional[Tensor],
+        generators: list[torch.Generator], inpaint: Optional[tuple[Tensor, Tensor]], disable_progress: bool,
+    ) -> Tensor:
+        """Run stage ``k``; ``prev`` is the previous stage's output in [-1, 1]. Returns [-1, 1] images."""
+        st = self.stages[k]
+        b = len(generators)
+        kwargs = dict(cond)
+        if st.net.lowres_cond:
+            if prev is None:
+                raise ValueError(f"start_images: stage {k} is a super-resolution stage and needs low-resolution images")
+            low = resize(prev, st.image_size)
+            level = st.lowres_aug.sampling_level(b, settings.lowres_aug_level, self.device, low.dtype)
+            kwargs["lowres_img"], kwargs["lowres_noise_cond"] = st.lowres_aug(low, level, generators)
+        den = self._denoiser(k, net, settings, kwargs)
+        sampler_fn = sampling.get_sampler(settings.sampler or st.diffusion.default_sampler)
+        sigmas = st.diffusion.sigmas(settings.steps or st.diffusion.default_steps)
+        shape = (b, self.channels, st.image_size, st.image_size)
+        x = st.diffusion.initial_noise(shape, sigmas, generators, device=self.device, dtype=torch.float32)
+        options = {"generator": generators, **settings.options}
+        if inpaint is not None:
+            images = resize(inpaint[0], st.image_size)
+            masks = resize(inpaint[1], st.image_size) > 0.5
+            return guidance.inpaint(
+                sampler_fn, den, x, sigmas, images=images, masks=masks, disable_progress=disable_progress, **options
+            )
+        return sampler_fn(den, x, sigmas, disable_progress=disable_progress, **options)
+
+    @staticmethod
+    def _per_image(t: Optional[Tensor], prompts: int, per_prompt: int, name: str, device) -> Optional[Tensor]:
+        """Give a per-prompt or per-image tensor one row per image."""
+        if t is None:
+            return None
+        t = torch.as_tensor(t).to(device)
+        if t.shape[0] == prompts * per_prompt:
+            return t
+        if t.shape[0] == prompts:
+            return t.repeat_interleave(per_prompt, 0)
+        raise ValueError(f"{name}: expected {prompts} (one per prompt) or {prompts * per_prompt} rows, got {t.shape[0]}")
+
+    def _inpaint_inputs(self, images, masks, prompts: int, per_prompt: int):
+        if (images is None) != (masks is None):
+            raise ValueError("inpaint_images, inpaint_masks: pass both or neither")
+        if images is None:
+            return None
+        images = self._per_image(images, prompts, per_prompt, "inpaint_images", self.device).float() * 2 - 1
+        masks = torch.as_tensor(masks, device=self.device)
+        if masks.ndim == 2:
+            masks = masks.expand(images.shape[0], *masks.shape)
+        if masks.ndim == 3:
+            masks = masks[:, None]
+        masks = self._per_image(masks, prompts, per_prompt, "inpaint_masks", self.device).float()
+        return images, masks
+
+    @torch.no_grad()
+    def sample(
+        self, texts: Optional[Sequence[str]] = None, *, text_embeds: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None, num_images_per_prompt: int = 1, cond_scale: Optional[float] = None,
+        seed: Optional[int] = None, stop_at_stage: Optional[int] = None, start_at_stage: int = 0,
+        start_images: Optional[Tensor] = None, inpaint_images: Optional[Tensor] = None,
+        inpaint_masks: Optional[Tensor] = None, return_pil: bool = False, steps: Optional[int] = None,
+        sampler: Optional[str] = None, stage_overrides: Optional[Mapping[int, Union[dict, SamplerSettings]]] = None,
+        disable_progress: bool = False, networks: Optional[Sequence[nn.Module]] = None,
+        text_encoder: Optional[nn.Module] = None,
+    ) -> Union[Tensor, list]:
+        """Generate images, returned in [0, 1] as (B, C, H, W) (or a list of PIL images with ``return_pil``).
+
+        Args:
+            texts / text_embeds + text_mask: the prompts (B_p of them); omit both for an unconditional
+                cascade, which then draws ``num_images_per_prompt`` images.
+            num_images_per_prompt: images per prompt, default 1; image ``p * n + j`` is prompt ``p``'s ``j``-th.
+            cond_scale, steps, sampler: override every stage's settings; ``stage_overrides`` ({stage: dict of
+                :class:`SamplerSettings` fields, or a SamplerSettings}) overrides a single stage.
+            seed: image ``i`` draws all its noise from ``torch.Generator().manual_seed(seed + i)``, so it does
+                not depend on the batch it is drawn in; None draws a base seed from torch's global RNG.
+            start_at_stage / start_images: begin at a super-resolution stage from given images in [0, 1]
+                (one per prompt or per image, any size); stop_at_stage: the last stage run (default: last).
+            inpaint_images ([0, 1]) / inpaint_masks (True = keep the pixel): RePaint inpainting at every stage.
+            networks / text_encoder: modules used in place of the stages' own (the Trainer's EMA copies).
+        """
+        first = self._stage_index(start_at_stage, "start_at_stage")
+        last = self._stage_index(stop_at_stage, "stop_at_stage") if stop_at_stage is not None else len(self.stages) - 1
+        if last < first:
+            raise ValueError(f"stop_at_stage: expected >= start_at_stage {first}, got {last}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt: expected a positive int, got {num_images_per_prompt!r}")
+        if isinstance(texts, str):
+            texts = [texts]
+        prompts = len(texts) if texts is not None else (text_embeds.shape[0] if text_embeds is not None else 1)
+        n = num_images_per_prompt
+        embeds, mask = self.condition(prompts, texts, text_embeds, text_mask, text_encoder)
+        cond = {} if embeds is None else {
+            "text_embeds": embeds.repeat_interleave(n, 0), "text_mask": mask.repeat_interleave(n, 0)}
+        base = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        generators = [torch.Generator().manual_seed(base + i) for i in range(prompts * n)]
+        prev = None
+        if first > 0:
+            if start_images is None:
+                raise ValueError(f"start_images: needed to start at stage {first}")
+            prev = self._per_image(start_images, prompts, n, "start_images", self.device).float() * 2 - 1
+        inpaint = self._inpaint_inputs(inpaint_images, inpaint_masks, prompts, n)
+        nets = list(networks) if networks is not None else [s.net for s in self.stages]
+        for k in range(first, last + 1):
+            settings = self._settings(k, steps, sampler, cond_scale, stage_overrides)
+            was_training = nets[k].training
+            nets[k].eval()
+            try:
+                prev = self._sample_stage(k, nets[k], settings, cond, prev, generators, inpaint, disable_progress)
+            finally:
+                nets[k].train(was_training)
+        images = ((prev.clamp(-1, 1) + 1) / 2).float()
+        if return_pil:
+            from imagen_lib.images import to_pil
+
+            return [to_pil(img) for img in images]
+        return images
+
+    # ----------------------------------------------------------------------------------------------------
+    # configuration and checkpoints
+    # ----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: dict, text_encoder: Optional[nn.Module] = None, load_text_encoder: bool = True) -> "Cascade":
+        """A freshly initialised cascade from :attr:`config` (the text encoder is rebuilt from its source
+        unless ``text_encoder`` is given or ``load_text_encoder`` is False)."""
+        from imagen_lib.networks import network_from_config
+
+        if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+            raise ValueError(f"config: expected a Cascade.config dict with format {CONFIG_FORMAT!r}")
+        stages = []
+        for sc in config["stages"]:
+            aug = sc.get("lowres_aug")
+            stages.append(Stage(
+                net=network_from_config(sc["network"]["kind"], sc["network"]["config"]),
+                diffusion=diffusion_from_config(sc["diffusion"]["kind"], sc["diffusion"]["config"]),
+                image_size=int(sc["image_size"]),
+                sampler=SamplerSettings(**sc.get("sampler", {})),
+                lowres_aug=None if aug is None else NoiseAugmentation(**aug),
+            ))
+        if text_encoder is None and load_text_encoder and config.get("text_encoder") is not None:
+            from imagen_lib.text import text_encoder_from_config
+
+            text_encoder = text_encoder_from_config(config["text_encoder"])
+        return cls(stages, text_encoder=text_encoder, cond_drop_prob=config.get("cond_drop_prob", 0.1))
+
+    def stores_text_encoder(self) -> bool:
+        """Whether checkpoints hold the text encoder's weights: yes when it was built locally or is trained,
+        no for a frozen pretrained T5 (it is reloaded by name)."""
+        enc = self.text_encoder
+        return enc is not None and (enc.trainable or "build_tiny" in enc.source)
+
+    def save(self, path: Union[str, Path], *, overwrite: bool = False) -> str:
+        """Write the configuration and the current weights as a checkpoint folder (any fsspec URL)."""
+        tensors = {f"stage{k}": s.net.state_dict() for k, s in enumerate(self.stages)}
+        return write_cascade_checkpoint(self, path, tensors=tensors, overwrite=overwrite)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: Union[str, Path], use_ema: bool = True, device: Union[None, str, torch.device] = None,
+        load_text_encoder: bool = True,
+    ) -> "Cascade":
+        """Rebuild a cascade from a checkpoint alone, with its EMA weights (``use_ema``, default True, when the
+        checkpoint has them) or the raw ones; ``load_text_encoder=False`` skips the encoder (precomputed
+        embeddings). The cascade is returned in eval mode on ``device`` (default CPU)."""
+        config = ckpt.read_config(path)
+        encoder = None
+        if load_text_encoder and config.get("text_encoder") is not None:
+            encoder = _load_text_encoder(path, config["text_encoder"], use_ema)
+        cascade = cls.from_config(config, text_encoder=encoder, load_text_encoder=False)
+        for k, st in enumerate(cascade.stages):
+            name = f"stage{k}.ema" if use_ema and ckpt.has_file(path, f"stage{k}.ema.safetensors") else f"stage{k}"
+            st.net.load_state_dict(ckpt.read_tensors(path, name))
+        cascade.eval()
+        return cascade.to(device) if device is not None else cascade
+
+
+def _load_text_encoder(path, config: dict, use_ema: bool) -> nn.Module:
+    from imagen_lib.text import text_encoder_from_config
+
+    if not ckpt.has_file(path, "text_encoder"):
+        return text_encoder_from_config(config)
+    local = Path(tempfile.mkdtemp(prefix="imagen_lib_te_"))
+    try:
+        encoder = text_encoder_from_config(config, folder=ckpt.download_folder(path, "text_encoder", local))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    if use_ema and ckpt.has_file(path, "text_encoder.ema.safetensors"):
+        encoder.model.load_state_dict(ckpt.read_tensors(path, "text_encoder.ema"))
+    return encoder
+
+
+def write_cascade_checkpoint(
+    cascade: Cascade, path, *, tensors: dict, json_files: Optional[dict] = None, overwrite: bool = False,
+    run_id: Optional[str] = None,
+) -> str:
+    """Write ``cascade.config`` with the given weight files, and the text encoder's folder when it is stored."""
+    local = None
+    folders = {}
+    try:
+        if cascade.stores_text_encoder():
+            local = Path(tempfile.mkdtemp(prefix="imagen_lib_te_"))
+            cascade.text_encoder.save_pretrained(local)
+            folders["text_encoder"] = local
+        return ckpt.write_checkpoint(
+            path, config=cascade.config, tensors=tensors, json_files=json_files or {}, folders=folders,
+            overwrite=overwrite, run_id=run_id,
+        )
+    finally:
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""``imagen-lib sample CHECKPOINT (--prompt TEXT ... | --prompts-file FILE) --out DIR``: writes
+``DIR/0000.png``, ``DIR/0001.png``, ... (image ``p * N + j`` is the ``j``-th of prompt ``p``, N images per
+prompt) at the last stage's resolution, and ``DIR/grid.png`` with the captions. Runs on the GPU when there is
+one, else on the CPU."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder or fsspec URL (written by imagen-lib train)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", dest="prompts", action="extend", nargs="+", metavar="TEXT",
+                        help="one or more prompts (repeatable)")
+    source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps for every stage (default: the checkpoint's)")
+    parser.add_argument("--cond-scale", type=float, default=None, help="classifier-free guidance scale (default: the checkpoint's)")
+    parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts_file is not None:
+        prompts = [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p]
+    else:
+        prompts = list(args.prompts)
+    if not prompts:
+        raise SystemExit("imagen-lib sample: no prompts given")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from imagen_lib.cascade import Cascade
+    from imagen_lib.images import captioned_grid, save_png, to_pil
+
+    prompts = read_prompts(args)
+    n = args.num_images_per_prompt
+    if n < 1 or args.batch_size < 1:
+        raise SystemExit("imagen-lib sample: --num-images-per-prompt and --batch-size must be positive")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
+    per_call = max(1, args.batch_size // n)  # prompts per call; image index (and its seed) is global
+    images = []
+    for p0 in range(0, len(prompts), per_call):
+        chunk = prompts[p0 : p0 + per_call]
+        images.append(cascade.sample(chunk, num_images_per_prompt=n, seed=args.seed + p0 * n, steps=args.steps,
+                                     cond_scale=args.cond_scale).cpu())
+    images = torch.cat(images)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        to_pil(image).save(args.out / f"{i:04d}.png")
+    captions = [p for p in prompts for _ in range(n)]
+    save_png(str(args.out / "grid.png"), captioned_grid(images, captions, nrow=min(8, max(n, 4))))
+    print(f"wrote {len(images)} images ({images.shape[-1]}x{images.shape[-2]}) and grid.png to {args.out}")
+    return 0

@@ -1,0 +1,173 @@
+"""The conditioning stem shared by both U-Nets: input checks, noise-level / text / low-res conditioning.
+
+It turns the network protocol's inputs into what the blocks consume: the input image (with the low-res
+image concatenated for super-resolution), one conditioning vector per sample (noise level + pooled text +
+low-res augmentation level, as in Imagen) and the projected text tokens for attention.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imagen_lib.attention import TextContext, make_text_context
+from imagen_lib.layers import NoiseEmbedding, mlp
+
+PoolingType = Literal["attention", "mean"]
+
+
+def _check_batch_scalar(name: str, value, batch: int, device) -> Tensor:
+    """Accept a (B,) tensor, a 0-d tensor or a Python number; return a float (B,) tensor."""
+    value = torch.as_tensor(value, device=device)
+    if value.dim() == 0:
+        value = value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (one value per sample), got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        value = value.float()
+    return value
+
+
+def _embed(embedder: nn.Sequential, c: Tensor) -> Tensor:
+    """Sinusoidal features in float32, then the MLP in its own dtype (bf16/fp16 nets without autocast)."""
+    features, net = embedder[0](c), embedder[1]
+    return net(features.to(net[0].weight.dtype))  # (B, cond_dim)
+
+
+class TextConditioner(nn.Module):
+    """Projects text embeddings for attention, adds the null token and pools them for the conditioning vector.
+
+    Args:
+        text_embed_dim: width of the encoder's embeddings (1024 for T5-Large, 4096 for T5-XXL).
+        cond_dim: width of projected tokens and of the conditioning vector.
+        use_null_token: append a learned token that every row may attend to (so a caption-free row, the
+            unconditional pass of classifier-free guidance, has a learned "no text" value).
+        pooling: ``"attention"`` (learned per-token scores, masked softmax) or ``"mean"`` (masked mean).
+    """
+
+    def __init__(self, text_embed_dim: int, cond_dim: int, use_null_token: bool, pooling: PoolingType):
+        super().__init__()
+        if pooling not in ("attention", "mean"):
+            raise ValueError(f"feature_pooling_type: expected 'attention' or 'mean', got {pooling!r}")
+        self.text_embed_dim, self.pooling = text_embed_dim, pooling
+        self.proj = nn.Sequential(nn.LayerNorm(text_embed_dim), nn.Linear(text_embed_dim, cond_dim))
+        self.null_token = nn.Parameter(0.02 * torch.randn(1, 1, cond_dim)) if use_null_token else None
+        self.pool_score = nn.Linear(cond_dim, 1) if pooling == "attention" else None
+        self.to_cond = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, cond_dim))
+
+    def _pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        weights = mask.to(tokens.dtype)[..., None]  # (B, N, 1)
+        if self.pooling == "attention":
+            scores = self.pool_score(tokens).float().masked_fill(~mask[..., None], float("-inf"))
+            # an all-padding row gives NaN after softmax; it is zeroed just below
+            weights = torch.nan_to_num(scores.softmax(dim=1), nan=0.0).to(tokens.dtype)
+            return (weights * tokens).sum(dim=1)  # (B, D)
+        return (weights * tokens).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, D); 0 tokens -> 0
+
+    def forward(self, text_embeds: Tensor, text_mask: Tensor) -> tuple[Tensor, TextContext]:
+        tokens = self.proj(text_embeds.to(self.proj[1].weight.dtype))  # (B, N, D)
+        # zero padded positions so that nothing a caller stores there (even NaN) can leak through any path
+        tokens = tokens.masked_fill(~text_mask[..., None], 0.0)
+        mask = text_mask
+        if self.null_token is not None:
+            b = tokens.shape[0]
+            tokens = torch.cat([tokens, self.null_token.to(tokens.dtype).expand(b, -1, -1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)  # (B, N + 1)
+        pooled = self.to_cond(self._pool(tokens, mask))  # (B, cond_dim)
+        return pooled, make_text_context(tokens, mask, always_nonempty=self.null_token is not None)
+
+
+class Conditioning(nn.Module):
+    """Input checks and the conditioning vector of both U-Nets (see the network protocol in docs/architecture.md).
+
+    Args:
+        channels: image channels of ``x`` (and of ``lowres_img``).
+        cond_dim: width of the conditioning vector.
+        noise_frequencies: frequencies of the fixed sinusoidal noise embedding.
+        learned_sinu_pos_emb_dim: if > 0, a learned sinusoidal embedding with this many features is used
+            instead (NeMo's option; 0 = fixed).
+        text_embed_dim: None for a net without text.
+        use_null_token, feature_pooling_type: see :class:`TextConditioner`.
+        lowres_cond: super-resolution mode (low-res image concatenated, its augmentation level embedded).
+    """
+
+    def __init__(self, channels: int, cond_dim: int, noise_frequencies: int, learned_sinu_pos_emb_dim: int,
+                 text_embed_dim: Optional[int], use_null_token: bool, feature_pooling_type: PoolingType,
+                 lowres_cond: bool):
+        super().__init__()
+        self.channels, self.lowres_cond, self.text_embed_dim = channels, lowres_cond, text_embed_dim
+
+        def noise_embedder() -> nn.Sequential:
+            learned = learned_sinu_pos_emb_dim > 0
+            emb = NoiseEmbedding(max(learned_sinu_pos_emb_dim // 2, 1) if learned else noise_frequencies, learned)
+            return nn.Sequential(emb, mlp(emb.out_dim, cond_dim))
+
+        self.noise = noise_embedder()
+        self.lowres_noise = noise_embedder() if lowres_cond else None
+        self.text = (TextConditioner(text_embed_dim, cond_dim, use_null_token, feature_pooling_type)
+                     if text_embed_dim is not None else None)
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels * (2 if self.lowres_cond else 1)
+
+    def _check_image(self, x: Tensor) -> None:
+        if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"x: expected a float tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"x: expected {self.channels} channels, got shape {tuple(x.shape)}")
+
+    def _text(self, b: int, device, text_embeds, text_mask) -> tuple[Optional[Tensor], Optional[TextContext]]:
+        if self.text is None:
+            if text_embeds is not None or text_mask is not None:
+                raise ValueError("text_embeds: this network has no text conditioning (text_embed_dim=None)")
+            return None, None
+        if text_embeds is None:  # no caption at all: the unconditional pass, a single all-padding token
+            if text_mask is not None:
+                raise ValueError("text_mask: given without text_embeds")
+            text_embeds = torch.zeros(b, 1, self.text_embed_dim, device=device)
+            text_mask = torch.zeros(b, 1, dtype=torch.bool, device=device)
+        if not torch.is_tensor(text_embeds) or not text_embeds.is_floating_point():
+            raise ValueError(f"text_embeds: expected a float tensor, got {getattr(text_embeds, 'dtype', type(text_embeds))}")
+        if text_embeds.dim() != 3 or text_embeds.shape[0] != b or text_embeds.shape[2] != self.text_embed_dim:
+            raise ValueError(f"text_embeds: expected shape ({b}, N, {self.text_embed_dim}), "
+                             f"got {tuple(text_embeds.shape)}")
+        if text_mask is None:
+            text_mask = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=device)
+        if text_mask.dtype != torch.bool or tuple(text_mask.shape) != tuple(text_embeds.shape[:2]):
+            raise ValueError(f"text_mask: expected a bool tensor of shape {tuple(text_embeds.shape[:2])}, "
+                             f"got {text_mask.dtype} {tuple(text_mask.shape)}")
+        return self.text(text_embeds, text_mask)
+
+    def _lowres(self, x: Tensor, lowres_img, lowres_noise_cond) -> tuple[Tensor, Optional[Tensor]]:
+        if not self.lowres_cond:
+            if lowres_img is not None or lowres_noise_cond is not None:
+                raise ValueError("lowres_img: this network is not a super-resolution net (lowres_cond=False)")
+            return x, None
+        if lowres_img is None:
+            raise ValueError("lowres_img: required by a super-resolution net (lowres_cond=True)")
+        if tuple(lowres_img.shape) != tuple(x.shape):
+            raise ValueError(f"lowres_img: expected shape {tuple(x.shape)} (already resized to x's size), "
+                             f"got {tuple(lowres_img.shape)}")
+        if lowres_noise_cond is None:
+            raise ValueError("lowres_noise_cond: required by a super-resolution net (the augmentation level's "
+                             "conditioning value, e.g. NoiseAugmentation's noise_cond)")
+        c = _check_batch_scalar("lowres_noise_cond", lowres_noise_cond, x.shape[0], x.device)
+        return torch.cat([x, lowres_img.to(x.dtype)], dim=1), _embed(self.lowres_noise, c)
+
+    def forward(self, x: Tensor, noise_cond, text_embeds=None, text_mask=None, lowres_img=None,
+                lowres_noise_cond=None) -> tuple[Tensor, Tensor, Optional[TextContext]]:
+        """Returns ``(x_in (B, in_channels, H, W), silu(cond) (B, cond_dim), text context or None)``."""
+        self._check_image(x)
+        b = x.shape[0]
+        cond = _embed(self.noise, _check_batch_scalar("noise_cond", noise_cond, b, x.device))  # (B, cond_dim)
+        x, lowres = self._lowres(x, lowres_img, lowres_noise_cond)
+        if lowres is not None:
+            cond = cond + lowres
+        pooled, context = self._text(b, x.device, text_embeds, text_mask)
+        if pooled is not None:
+            cond = cond + pooled
+        return x, F.silu(cond), context

@@ -1,0 +1,274 @@
+"""Training configurations: one YAML or JSON file describes the cascade, the data and the training.
+
+The vocabulary follows NeMo's Imagen configs where they have a word for it (``unet``,
+``preconditioning_type`` / ``preconditioning``, ``token_length``, ``drop_rate``, a ``sampler`` block with
+``step`` / ``cfg``)::
+
+    seed: 0                          # weight initialisation and training noise
+    cond_drop_prob: 0.1              # text dropout for classifier-free guidance (NeMo: drop_rate)
+    text_embed_dim: null             # width of precomputed embeddings when there is no text_encoder
+    text_encoder:                    # omit (or null) for precomputed embeddings or an unconditional cascade
+      name_or_path: google/t5-v1_1-base    # a hub name or local folder, or instead:
+      build_tiny: {d_model: 64}            # a small random T5 built locally (T5Config fields) ...
+      seed: 0                              # ... from this seed
+      max_length: 32                       # tokens per caption (NeMo: token_length)
+      trainable: false                     # train it jointly with the cascade
+    stages:                          # lowest resolution first
+      - image_size: 32
+        unet: tiny-32                # a preset name, {preset: NAME, **overrides} or {type: Unet|EfficientUnet, **kwargs}
+        preconditioning_type: EDM    # EDM (ElucidatedDiffusion) or DDPM (GaussianDiffusionContinuous)
+        preconditioning: {loss_type: l2, sigma_data: 0.5, p_mean: -1.2, p_std: 1.2}
+        sampler: {sampler: dpmpp_2m, steps: 25, cond_scale: 3.0, threshold: dynamic}   # SamplerSettings
+        noise_aug: {schedule: cosine, sample_level: 0.2, max_train_level: 1.0}        # SR stages only
+        train: {steps: 1000, batch_size: 32}
+    data: {type: shapes, seed: 0, length: 100000, num_workers: 0}
+    trainer: {lr: 1.0e-4, warmup_steps: 100, mixed_precision: "no"}     # TrainerSettings fields
+    sample: {prompts: ["a red circle"], seed: 0, num_images_per_prompt: 1}
+
+``--set key=value`` overrides use dotted keys, list items by index (``stages.1.train.steps=200``); the value
+is read as YAML (``1e-4``, ``true``, ``[1, 2]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+TOP_KEYS = {"seed", "cond_drop_prob", "text_embed_dim", "text_encoder", "stages", "data", "trainer", "sample"}
+STAGE_KEYS = {"image_size", "unet", "preconditioning_type", "preconditioning", "sampler", "noise_aug", "train"}
+TEXT_KEYS = {"name_or_path", "encoder_path", "build_tiny", "seed", "max_length", "token_length", "trainable", "dtype"}
+TRAIN_KEYS = {"steps", "batch_size"}
+SAMPLE_KEYS = {"prompts", "seed", "num_images_per_prompt"}
+DATA_TYPES = ("shapes",)
+# NeMo's preconditioning names -> ours
+EDM_KEYS = {"loss_type": "loss_type", "sigma_data": "sigma_data", "p_mean": "P_mean", "P_mean": "P_mean",
+            "p_std": "P_std", "P_std": "P_std", "sigma_min": "sigma_min", "sigma_max": "sigma_max", "rho": "rho"}
+DDPM_KEYS = {"loss_type": "loss_type", "pred_objective": "pred_objective", "noise_schedule": "noise_schedule",
+             "min_snr_gamma": "min_snr_gamma"}
+SAMPLER_ALIASES = {"step": "steps", "cfg": "cond_scale", "name": "sampler"}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with ``1e-4`` read as a number (YAML 1.1 wants ``1.0e-4``, a common surprise in configs)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML (or JSON) text with :class:`_Loader`."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _check_keys(block: Any, allowed: set, where: str) -> dict:
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(block).__name__}")
+    unknown = sorted(set(block) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
+    return block
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading and overriding
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: Union[str, Path]) -> dict:
+    """Read a YAML or JSON configuration file (YAML is a superset of JSON) and check its top-level keys."""
+    text = Path(path).read_text(encoding="utf-8")
+    config = json.loads(text) if str(path).endswith(".json") else parse_yaml(text)
+    if not isinstance(config, dict):
+        raise ValueError(f"config: {path!s} does not hold a mapping")
+    return config
+
+
+def apply_overrides(config: dict, assignments: Sequence[str]) -> dict:
+    """A copy of ``config`` with ``key.sub.0.name=value`` assignments applied (values parsed as YAML)."""
+    config = copy.deepcopy(config)
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ValueError(f"--set: empty key in {item!r}")
+        node = config
+        for i, part in enumerate(parts[:-1]):
+            node = _child(node, part, parts[i + 1], item)
+        _assign(node, parts[-1], parse_yaml(raw), item)
+    return config
+
+
+def _child(node: Any, part: str, next_part: str, item: str) -> Any:
+    if isinstance(node, list):
+        index = _index(node, part, item)
+        return node[index]
+    if not isinstance(node, dict):
+        raise ValueError(f"--set {item!r}: {part!r} is inside a value that is not a mapping or list")
+    if node.get(part) is None:
+        node[part] = [] if next_part.isdigit() else {}
+    return node[part]
+
+
+def _index(node: list, part: str, item: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ValueError(f"--set {item!r}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _assign(node: Any, part: str, value: Any, item: str) -> None:
+    if isinstance(node, list):
+        node[_index(node, part, item)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ValueError(f"--set {item!r}: cannot set {part!r} inside a {type(node).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_text_encoder(block: Optional[dict]):
+    """A :class:`~imagen_lib.text.T5TextEncoder` from a ``text_encoder`` block (None when the block is empty)."""
+    block = _check_keys(block, TEXT_KEYS, "text_encoder")
+    if not block:
+        return None
+    from imagen_lib.text import T5TextEncoder
+
+    max_length = int(block.get("max_length", block.get("token_length", 128)))
+    trainable = bool(block.get("trainable", False))
+    name = block.get("name_or_path", block.get("encoder_path"))
+    if (name is None) == ("build_tiny" not in block):
+        raise ValueError("text_encoder: expected exactly one of name_or_path (or encoder_path) and build_tiny")
+    if name is not None:
+        return T5TextEncoder(name, max_length=max_length, dtype=block.get("dtype"), trainable=trainable)
+    return T5TextEncoder.build_tiny(seed=int(block.get("seed", 0)), max_length=max_length, trainable=trainable,
+                                    **(block["build_tiny"] or {}))
+
+
+def build_network(unet: Any, *, text_embed_dim: Optional[int], lowres_cond: bool):
+    """A network from a stage's ``unet`` entry: a preset name, ``{preset: NAME, **overrides}`` or
+    ``{type: Unet|EfficientUnet, **kwargs}``. ``text_embed_dim`` (the text encoder's width, or the config's
+    ``text_embed_dim``; None = no text) and ``lowres_cond`` (True for every stage after the first) come from
+    the cascade, over a preset's values, unless the ``unet`` entry sets them itself."""
+    from imagen_lib import presets
+    from imagen_lib.networks import network_from_config
+
+    if isinstance(unet, str):
+        unet = {"preset": unet}
+    if not isinstance(unet, dict):
+        raise ValueError(f"unet: expected a preset name or a mapping, got {unet!r}")
+    unet = dict(unet)
+    if "preset" in unet:
+        name = unet.pop("preset")
+        kwargs = presets.config(name)  # raises with the list of names
+        kind = presets.PRESETS[name][0].__name__
+        if "type" in unet and unet.pop("type") != kind:
+            raise ValueError(f"unet: 'type' differs from the preset's network type {kind!r}")
+    else:
+        kind, kwargs = unet.pop("type", "Unet"), {}
+    kwargs.update({"text_embed_dim": text_embed_dim, "lowres_cond": lowres_cond})
+    kwargs.update(unet)
+    return network_from_config(kind, kwargs)
+
+
+def build_diffusion(kind: str, block: Optional[dict]):
+    """``preconditioning_type`` EDM -> ElucidatedDiffusion, DDPM -> GaussianDiffusionContinuous."""
+    from imagen_lib.diffusion import ElucidatedDiffusion, GaussianDiffusionContinuous
+
+    table = {"EDM": (ElucidatedDiffusion, EDM_KEYS), "DDPM": (GaussianDiffusionContinuous, DDPM_KEYS)}
+    if str(kind).upper() not in table:
+        raise ValueError(f"preconditioning_type: expected 'EDM' or 'DDPM', got {kind!r}")
+    cls, names = table[str(kind).upper()]
+    block = _check_keys(block, set(names), f"preconditioning ({kind})")
+    return cls(**{names[k]: v for k, v in block.items()})
+
+
+def build_sampler_settings(block: Optional[dict]):
+    from imagen_lib.cascade import SamplerSettings
+
+    block = {SAMPLER_ALIASES.get(k, k): v for k, v in (block or {}).items()}
+    return SamplerSettings().replace(**block)
+
+
+def build_cascade(config: dict):
+    """The :class:`~imagen_lib.cascade.Cascade` a configuration describes (weights drawn under ``seed``)."""
+    import torch
+
+    from imagen_lib.cascade import Cascade, Stage
+    from imagen_lib.noise_augment import NoiseAugmentation
+
+    _check_keys(config, TOP_KEYS, "config")
+    stages_cfg = config.get("stages")
+    if not isinstance(stages_cfg, list) or not stages_cfg:
+        raise ValueError("stages: expected a non-empty list of stage blocks")
+    if config.get("seed") is not None:
+        torch.manual_seed(int(config["seed"]))
+    encoder = build_text_encoder(config.get("text_encoder"))
+    dim = encoder.embed_dim if encoder is not None else config.get("text_embed_dim")
+    stages = []
+    for k, sc in enumerate(stages_cfg):
+        sc = _check_keys(sc, STAGE_KEYS, f"stages.{k}")
+        for key in ("image_size", "unet"):
+            if key not in sc:
+                raise ValueError(f"stages.{k}.{key}: missing")
+        net = build_network(sc["unet"], text_embed_dim=dim, lowres_cond=k > 0)
+        aug = sc.get("noise_aug")
+        stages.append(Stage(
+            net=net, diffusion=build_diffusion(sc.get("preconditioning_type", "EDM"), sc.get("preconditioning")),
+            image_size=int(sc["image_size"]), sampler=build_sampler_settings(sc.get("sampler")),
+            lowres_aug=NoiseAugmentation(**aug) if aug else None,
+        ))
+    return Cascade(stages, text_encoder=encoder, cond_drop_prob=float(config.get("cond_drop_prob", 0.1)))
+
+
+def trainer_settings(config: dict):
+    """The :class:`~imagen_lib.trainer.TrainerSettings` of the ``trainer`` block."""
+    import dataclasses
+
+    from imagen_lib.trainer import TrainerSettings
+
+    names = {f.name for f in dataclasses.fields(TrainerSettings)}
+    block = _check_keys(config.get("trainer"), names, "trainer")
+    return TrainerSettings(**block)
+
+
+def stage_training(config: dict, k: int) -> dict:
+    """``{"steps", "batch_size"}`` of stage ``k`` (defaults 1000 and 16)."""
+    block = _check_keys(config["stages"][k].get("train"), TRAIN_KEYS, f"stages.{k}.train")
+    return {"steps": int(block.get("steps", 1000)), "batch_size": int(block.get("batch_size", 16))}
+
+
+def sample_settings(config: dict) -> dict:
+    """``{"prompts", "seed", "num_images_per_prompt"}`` of the ``sample`` block."""
+    block = _check_keys(config.get("sample"), SAMPLE_KEYS, "sample")
+    return {"prompts": list(block.get("prompts", [])), "seed": int(block.get("seed", 0)),
+            "num_images_per_prompt": int(block.get("num_images_per_prompt", 1))}
+
+
+def build_dataset(config: dict, image_size: int):
+    """The training data set of the ``data`` block at ``image_size``, and its ``num_workers``."""
+    block = dict(config.get("data") or {"type": "shapes"})
+    kind = block.pop("type", "shapes")
+    num_workers = int(block.pop("num_workers", 0))
+    if kind not in DATA_TYPES:
+        raise ValueError(f"data.type: expected one of {list(DATA_TYPES)}, got {kind!r}")
+    from imagen_lib.data.shapes import ShapesDataset
+
+    _check_keys(block, {"length", "seed", "supersample"}, "data")
+    return ShapesDataset(image_size=image_size, **block), num_workers

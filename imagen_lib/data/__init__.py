@@ -1,0 +1,51 @@
+"""Data sets that yield the Trainer's batch dicts: captioned shapes, image-caption folders, WebDataset shards.
+
+Names are imported lazily, so that ``import imagen_lib.data`` does not load kornia or webdataset until a
+data set that needs them is asked for.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "ShapesDataset": "imagen_lib.data.shapes",
+    "collate_shapes": "imagen_lib.data.shapes",
+    "sample_captions": "imagen_lib.data.shapes",
+    "render": "imagen_lib.data.shapes",
+    "render_batch": "imagen_lib.data.shapes",
+    "read_shapes": "imagen_lib.data.shapes_reader",
+    "score_shapes": "imagen_lib.data.shapes_reader",
+    "ImageTextFolder": "imagen_lib.data.folder",
+    "collate_image_text": "imagen_lib.data.folder",
+    "ShardDataset": "imagen_lib.data.shards",
+    "write_shards": "imagen_lib.data.shards",
+    "expand_urls": "imagen_lib.data.shards",
+    "ImageTransform": "imagen_lib.data.transforms",
+    "EmbeddingStore": "imagen_lib.data.precache",
+    "precache_captions": "imagen_lib.data.precache",
+    "precache_shards": "imagen_lib.data.precache",
+    "fit_token_length": "imagen_lib.data.precache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'imagen_lib.data' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:
+    from imagen_lib.data.folder import ImageTextFolder, collate_image_text
+    from imagen_lib.data.precache import EmbeddingStore, fit_token_length, precache_captions, precache_shards
+    from imagen_lib.data.shards import ShardDataset, expand_urls, write_shards
+    from imagen_lib.data.transforms import ImageTransform
+    from imagen_lib.data.shapes import ShapesDataset, collate_shapes, render, render_batch, sample_captions
+    from imagen_lib.data.shapes_reader import read_shapes, score_shapes

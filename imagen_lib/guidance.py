@@ -1,0 +1,162 @@
+"""Wrappers around a denoiser ``denoiser(x, sigma) -> x0_hat``: classifier-free guidance, thresholding,
+and RePaint inpainting around any sampler. No sampler knows about any of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+from imagen_lib import sampling
+from imagen_lib.sampling import Denoiser, Generator
+
+# torch.quantile refuses inputs above 2**24 elements; larger batches are thresholded row by row
+_QUANTILE_MAX = 2**24
+
+
+def _batch_sigma(sigma, x: Tensor) -> Tensor:
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+
+
+def classifier_free_guidance(denoiser: Denoiser, cond_scale: float, rescale: float = 0.0) -> Denoiser:
+    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper.
+
+    ``denoiser`` must be built on a doubled batch: rows ``[:B]`` conditional, rows ``[B:]`` unconditional
+    (e.g. ``proc.denoiser(net, text_embeds=cat([embeds, null]), text_mask=cat([mask, all_false]))``). The
+    returned denoiser takes the single batch, runs both passes in one batched forward and returns
+    ``cond + (cond_scale - 1) (cond - uncond)``, which is exactly the conditional output at scale 1.
+
+    Args:
+        cond_scale: guidance weight; 1 is no guidance (Imagen samples with 5-10).
+        rescale: guidance rescale of Lin et al. 2023 in [0, 1] (default 0 = off; paper 0.7): the guided
+            x0 prediction is rescaled to the per-sample std of the conditional one and mixed in with this
+            weight, which prevents over-saturation at high scales.
+    """
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"rescale: expected a value in [0, 1], got {rescale}")
+
+    def guided(x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = _batch_sigma(sigma, x)
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]))
+        cond, uncond = both.chunk(2)
+        out = cond + (cond - uncond) * (cond_scale - 1)
+        if rescale > 0:
+            dims = tuple(range(1, x.ndim))
+            std_cond = cond.std(dim=dims, keepdim=True)
+            std_out = out.std(dim=dims, keepdim=True).clamp_min(1e-12)
+            out = rescale * (out * (std_cond / std_out)) + (1 - rescale) * out
+        return out
+
+    return guided
+
+
+def dynamic_threshold(x0: Tensor, percentile: float = 0.995, max_value: Optional[float] = None) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, default ``percentile`` 0.995).
+
+    Per sample ``s = quantile(|x0|, percentile)``, ``s = max(s, 1)`` (and ``min(s, max_value)`` when given,
+    as DeepFloyd IF caps it), then ``clamp(x0, -s, s) / s``: values stay in [-1, 1] and saturated pixels
+    are pushed inwards instead of clipped.
+    """
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"percentile: expected a value in (0, 1], got {percentile}")
+    if max_value is not None and max_value < 1:
+        raise ValueError(f"max_value: expected None or a value >= 1, got {max_value}")
+    flat = x0.detach().flatten(1).abs().float()
+    if flat.numel() <= _QUANTILE_MAX:
+        s = torch.quantile(flat, percentile, dim=1)
+    else:
+        s = torch.stack([torch.quantile(row, percentile) for row in flat])
+    s = s.clamp(min=1.0, max=max_value).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def static_threshold(x0: Tensor) -> Tensor:
+    """Static thresholding: clip the x0 prediction to [-1, 1]."""
+    return x0.clamp(-1.0, 1.0)
+
+
+def thresholded(
+    denoiser: Denoiser, method: Literal["dynamic", "static", "none"] = "dynamic", percentile: float = 0.995,
+    max_value: Optional[float] = None,
+) -> Denoiser:
+    """Apply a thresholding ``method`` to the denoiser's output, so every sampler gets it."""
+    if method == "none":
+        return denoiser
+    if method == "static":
+        return lambda x, sigma: static_threshold(denoiser(x, sigma))
+    if method == "dynamic":
+        return lambda x, sigma: dynamic_threshold(denoiser(x, sigma), percentile, max_value)
+    raise ValueError(f"method: expected 'dynamic', 'static' or 'none', got {method!r}")
+
+
+def _prepare_mask(masks: Tensor, images: Tensor) -> Tensor:
+    masks = torch.as_tensor(masks, device=images.device)
+    if masks.ndim == images.ndim - 2:  # (H, W)
+        masks = masks[None, None]
+    elif masks.ndim == images.ndim - 1:  # (B, H, W)
+        masks = masks[:, None]
+    try:
+        torch.broadcast_shapes(masks.shape, images.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"masks: expected a shape that broadcasts to the images {tuple(images.shape)} "
+            f"((H, W), (B, H, W), (B, 1, H, W) or (B, C, H, W)), got {tuple(masks.shape)}"
+        ) from None
+    return masks.to(images.dtype) if masks.dtype == torch.bool else (masks > 0.5).to(images.dtype)
+
+
+def _known_region_denoiser(denoiser: Denoiser, images: Tensor, keep: Tensor, generator: Generator) -> Denoiser:
+    """At each call the known pixels of the input are replaced by the known image noised to the current
+    sigma (fresh noise, RePaint), and the prediction there is the known image itself."""
+
+    def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
+        s = _batch_sigma(sigma, x).reshape(-1, *([1] * (x.ndim - 1)))
+        noised = images + s * sampling.randn(x.shape, generator, x.device, x.dtype)
+        x = keep * noised + (1 - keep) * x
+        return keep * images + (1 - keep) * denoiser(x, sigma)
+
+    return wrapped
+
+
+def inpaint(
+    sampler: Callable[..., Tensor], denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, images: Tensor,
+    masks: Tensor, resample_times: int = 1, jump_length: int = 1, generator: Generator = None,
+    **sampler_options,
+) -> Tensor:
+    """RePaint inpainting (Lugmayr et al. 2022) around any sampler.
+
+    ``masks`` is True where the pixel of ``images`` is KNOWN and must be kept (True = keep, False = fill
+    in); shapes (H, W), (B, H, W), (B, 1, H, W) or (B, C, H, W). ``images`` are in the denoiser's data
+    space ([-1, 1]). At every denoiser call the known region is re-noised to the current sigma with fresh
+    noise, so any sampler (multistep ones included) inpaints. With ``resample_times`` > 1 (paper: 10) the
+    grid is walked in chunks of ``jump_length`` steps (paper: 10); each chunk is sampled, noised back up to
+    its start level and sampled again ``resample_times`` times in all, which harmonises the boundary
+    (a multistep sampler restarts its history in each chunk). The returned image holds ``images`` exactly
+    where the mask is True.
+    """
+    if resample_times < 1 or jump_length < 1:
+        raise ValueError(f"resample_times, jump_length: expected >= 1, got {resample_times}, {jump_length}")
+    images = images.to(x.device, x.dtype)
+    if images.shape != x.shape:
+        raise ValueError(f"images: expected the shape of x {tuple(x.shape)}, got {tuple(images.shape)}")
+    keep = _prepare_mask(masks, images)
+    wrapped = _known_region_denoiser(denoiser, images, keep, generator)
+    grid = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    if resample_times == 1:  # one pass over the whole grid keeps multistep samplers' history
+        x = sampler(wrapped, x, grid, generator=generator, **sampler_options)
+    else:
+        n = grid.numel() - 1
+        for start in range(0, n, jump_length):
+            chunk = grid[start : min(start + jump_length, n) + 1]
+            x_start = x
+            for r in range(resample_times):
+                x = sampler(wrapped, x_start, chunk, generator=generator, **sampler_options)
+                if r < resample_times - 1:  # noise back up from chunk[-1] to chunk[0]
+                    up = math.sqrt(float(chunk[0]) ** 2 - float(chunk[-1]) ** 2)
+                    x_start = x + up * sampling.randn(x.shape, generator, x.device, x.dtype)
+    return keep * images + (1 - keep) * x

@@ -1,0 +1,208 @@
+"""Text encoding with T5 (Imagen, Saharia et al. 2022: a frozen T5-XXL encoder).
+
+``T5TextEncoder`` wraps transformers' ``T5EncoderModel`` and its tokenizer. transformers is imported inside
+the class only, so ``import imagen_lib`` stays light and offline. Any T5 family checkpoint works by hub name or
+local folder (T5, T5 v1.1, Flan-T5, UMT5, ByT5); nothing is downloaded unless the name is not a local folder
+and the Hugging Face cache lacks it.
+
+For quick experiments with no pretrained weights, :meth:`T5TextEncoder.build_tiny` builds a small randomly
+initialised T5 with the byte-level ByT5 tokenizer (which needs no vocabulary file), saves it with
+``save_pretrained`` and loads it back through the same ``from_pretrained`` path a real T5 takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+# ByT5's vocabulary: 256 bytes + 3 special tokens + 125 extra ids (what ByT5Tokenizer produces)
+BYT5_VOCAB_SIZE = 384
+
+# The default tiny encoder: small enough to train jointly with a CPU cascade in minutes.
+TINY_T5_DEFAULTS = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4, "dropout_rate": 0.0}
+
+
+def _resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype: expected None, a torch.dtype or one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No per-file progress bars while loading or saving a (small) encoder."""
+    from transformers.utils import logging as hf_logging
+
+    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            hf_logging.enable_progress_bar()
+
+
+class T5TextEncoder(nn.Module):
+    """A T5 encoder that turns captions into ``(embeds, mask)``.
+
+    Args:
+        name_or_path: a hub name (``"google/t5-v1_1-xxl"``, Imagen's choice) or a local folder holding a
+            ``T5EncoderModel`` (or full T5) and its tokenizer.
+        max_length: tokens kept per caption, default 128 (NeMo's ``token_length``; Imagen used 128). Captions
+            are always padded to ``max_length`` so an embedding never depends on its batch.
+        dtype: weights' dtype (``torch.float32`` default; ``"bfloat16"`` halves a large T5's memory).
+        device: where the encoder lives (default CPU; :class:`~imagen_lib.cascade.Cascade` moves it with
+            itself).
+        trainable: False (default, Imagen: frozen, eval mode, no gradients); True trains it jointly with
+            the cascade (then its weights are saved in checkpoints).
+        source: how this encoder was obtained, stored in :attr:`config` (set by :meth:`build_tiny`).
+
+    ``encode(texts)`` returns ``embeds`` (B, max_length, embed_dim) with padded positions set to exactly
+    0 and ``mask`` (B, max_length) bool, True for real tokens (the end-of-sequence token included).
+    """
+
+    def __init__(
+        self, name_or_path: Union[str, Path], max_length: int = 128,
+        dtype: Union[None, str, torch.dtype] = None, device: Union[None, str, torch.device] = None,
+        trainable: bool = False, source: Optional[dict] = None,
+    ):
+        super().__init__()
+        from transformers import AutoTokenizer, T5EncoderModel  # lazy: transformers is heavy
+
+        if int(max_length) < 1:
+            raise ValueError(f"max_length: expected a positive number of tokens, got {max_length}")
+        self.name_or_path, self.max_length, self.trainable = str(name_or_path), int(max_length), bool(trainable)
+        self.source = dict(source) if source is not None else {"name_or_path": self.name_or_path}
+        torch_dtype = _resolve_dtype(dtype)
+        kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        with _quiet_transformers():
+            self.tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            self.model = T5EncoderModel.from_pretrained(self.name_or_path, **kwargs)
+        if device is not None:
+            self.model.to(device)
+        self.set_trainable(self.trainable)
+
+    # ----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(
+        cls, folder: Union[None, str, Path] = None, *, seed: int = 0, max_length: int = 64,
+        trainable: bool = False, **t5_config: Any,
+    ) -> "T5TextEncoder":
+        """A small randomly initialised T5 with the ByT5 tokenizer, for quickstarts and tests.
+
+        The model is built from ``T5Config(vocab_size=384, **TINY_T5_DEFAULTS | t5_config)`` with weights
+        drawn under ``seed`` (same seed, same weights on every process), saved with ``save_pretrained`` into
+        ``folder`` (a temporary folder, removed after loading, when None) and loaded back from there.
+        """
+        from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+        options = {**TINY_T5_DEFAULTS, **t5_config}
+        config = T5Config(vocab_size=BYT5_VOCAB_SIZE, **options)
+        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
+            torch.manual_seed(int(seed))
+            model = T5EncoderModel(config)
+        target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="imagen_lib_t5_"))
+        try:
+            with _quiet_transformers():
+                model.save_pretrained(target)
+            ByT5Tokenizer().save_pretrained(target)
+            source = {"build_tiny": options, "seed": int(seed)}
+            return cls(target, max_length=max_length, trainable=trainable, source=source)
+        finally:
+            if folder is None:
+                shutil.rmtree(target, ignore_errors=True)
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Frozen (eval mode, no gradients) or trained jointly with the cascade."""
+        self.trainable = bool(trainable)
+        self.model.requires_grad_(self.trainable)
+        self.model.train(self.trainable and self.training)
+
+    def train(self, mode: bool = True) -> "T5TextEncoder":
+        # a frozen encoder stays in eval mode whatever its parent module asks (no dropout on embeddings)
+        super().train(mode)
+        self.model.train(mode and self.trainable)
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of each token embedding (``d_model``; 4096 for T5-XXL)."""
+        return int(self.model.config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def config(self) -> dict:
+        """Plain JSON values describing this encoder (stored in checkpoints)."""
+        return {"source": dict(self.source), "max_length": self.max_length, "trainable": self.trainable}
+
+    def save_pretrained(self, folder: Union[str, Path]) -> None:
+        """Write model and tokenizer files (safetensors + JSON) to a local ``folder``."""
+        with _quiet_transformers():
+            self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token ids and bool mask (B, max_length) on the encoder's device."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts: expected a list of strings")
+        if len(texts) == 0:
+            raise ValueError("texts: expected at least one caption")
+        tokens = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device).bool()
+
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(embeds, mask)`` for a list of captions, encoded as one batch.
+
+        ``embeds`` (B, max_length, embed_dim) float on the encoder's device, zero at padded positions;
+        ``mask`` (B, max_length) bool, True = real token. Gradients flow only when ``trainable``.
+        """
+        ids, mask = self.tokenize(texts)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        embeds = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # padded positions exactly 0
+        return embeds, mask
+
+    def forward(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Same as :meth:`encode` (so a distributed wrapper sees the call)."""
+        return self.encode(texts)
+
+    def __repr__(self) -> str:
+        return (f"T5TextEncoder({self.name_or_path!r}, max_length={self.max_length}, "
+                f"embed_dim={self.embed_dim}, trainable={self.trainable})")
+
+
+def text_encoder_from_config(config: dict, folder: Union[None, str, Path] = None) -> T5TextEncoder:
+    """Rebuild an encoder from :attr:`T5TextEncoder.config`.
+
+    ``folder``: a local folder with saved weights (a checkpoint's copy) that takes precedence over the
+    source; otherwise a ``build_tiny`` source is rebuilt from its seed and a ``name_or_path`` is loaded.
+    """
+    if not isinstance(config, dict) or "source" not in config:
+        raise ValueError(f"config: expected a T5TextEncoder.config dict with a 'source', got {config!r}")
+    source = dict(config["source"])
+    common = {"max_length": config.get("max_length", 128), "trainable": config.get("trainable", False)}
+    if folder is not None:
+        return T5TextEncoder(folder, source=source, **common)
+    if "build_tiny" in source:
+        return T5TextEncoder.build_tiny(seed=source.get("seed", 0), **common, **source["build_tiny"])
+    if "name_or_path" in source:
+        return T5TextEncoder(source["name_or_path"], **common)
+    raise ValueError(f"config['source']: expected 'build_tiny' or 'name_or_path', got {sorted(source)}")

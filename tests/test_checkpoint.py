@@ -1,0 +1,109 @@
+"""Checkpoint folders through fsspec: round trips, no pickles, no silent overwrite, no half checkpoints."""
+
+import random
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from imagen_lib import checkpoint as ckpt
+
+
+def _write(path, value=1.0, **kwargs):
+    return ckpt.write_checkpoint(
+        path, config={"value": value}, tensors={"stage0": {"w": torch.full((2, 3), value), "b": torch.arange(3)}},
+        json_files={"trainer": {"run_id": kwargs.pop("owner", None)}}, **kwargs,
+    )
+
+
+def test_memory_round_trip_holds_only_json_and_safetensors():
+    path = "memory://ckpt-test/round"
+    _write(path, 2.0)
+    assert ckpt.read_config(path) == {"value": 2.0}
+    state = ckpt.read_tensors(path, "stage0")
+    assert torch.equal(state["w"], torch.full((2, 3), 2.0)) and torch.equal(state["b"], torch.arange(3))
+    names = fsspec.filesystem("memory").ls("/ckpt-test/round", detail=False)
+    assert sorted(n.rsplit("/", 1)[1] for n in names) == ["config.json", "stage0.safetensors", "trainer.json"]
+
+
+def test_local_folder_round_trip_with_a_copied_folder(tmp_path):
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "a.json").write_text("{}")
+    ckpt.write_checkpoint(tmp_path / "ck", config={}, folders={"text_encoder": tmp_path / "src"})
+    out = ckpt.download_folder(tmp_path / "ck", "text_encoder", tmp_path / "copy")
+    assert (out / "sub" / "a.json").read_text() == "{}"
+
+
+def test_never_overwrites_a_foreign_checkpoint(tmp_path):
+    path = tmp_path / "ck"
+    _write(path, 1.0, run_id="run-a", owner="run-a")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _write(path, 2.0, run_id="run-b", owner="run-b")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _write(path, 2.0)
+    assert ckpt.read_config(path) == {"value": 1.0}
+    _write(path, 3.0, run_id="run-a", owner="run-a")  # the run that wrote it may replace it
+    assert ckpt.read_config(path) == {"value": 3.0}
+    _write(path, 4.0, overwrite=True)
+    assert ckpt.read_config(path) == {"value": 4.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary folders left
+
+
+def test_a_failed_write_leaves_the_old_checkpoint_and_no_debris(tmp_path, monkeypatch):
+    path = tmp_path / "ck"
+    _write(path, 1.0, run_id="r", owner="r")
+    fs = fsspec.filesystem("file")
+    real = type(fs).pipe_file
+    calls = []
+
+    def failing(self, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "pipe_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _write(path, 2.0, run_id="r", owner="r")
+    monkeypatch.undo()
+    assert ckpt.read_config(path) == {"value": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        ckpt.read_config(tmp_path / "nothing")
+    _write(tmp_path / "ck")
+    with pytest.raises(FileNotFoundError, match="stage7"):
+        ckpt.read_tensors(tmp_path / "ck", "stage7")
+
+
+def test_optimizer_state_splits_into_tensors_and_json():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors = {}
+    plain = ckpt.split_state(opt.state_dict(), "opt", tensors)
+    import json
+
+    plain = json.loads(json.dumps(plain))  # it really is plain JSON
+    restored = ckpt.join_state(plain, tensors)
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=5.0)
+    fresh.load_state_dict(restored)
+    for a, b in zip(opt.state_dict()["state"].values(), fresh.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fresh.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(TypeError, match="without pickle"):
+        ckpt.split_state({"f": object()}, "x", {})
+
+
+def test_rng_state_round_trip():
+    tensors = {}
+    state = ckpt.rng_state(tensors)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(10), random.random(), np.random.rand(5)
+    ckpt.set_rng_state(state, tensors)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]

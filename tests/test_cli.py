@@ -1,0 +1,122 @@
+"""The imagen-lib command line and the configuration format: help offline, train then sample from a tiny
+config, the sample command's file layout, --set overrides and config errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_cascade import tiny_config
+
+from imagen_lib.cli import COMMANDS, main
+from imagen_lib.config import apply_overrides, build_cascade, load_config
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["sample", "--help"]])
+def test_help_works_offline(args):
+    out = subprocess.run([sys.executable, "-m", "imagen_lib.cli", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: imagen-lib" in out.stdout
+    if args == ["--help"]:
+        assert all(name in out.stdout for name in COMMANDS)
+
+
+def test_unknown_command_fails_with_the_choices(capsys):
+    assert main(["paint"]) == 2
+    assert "train" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(tiny_config(steps=2)))
+    out = root / "run"
+    assert main(["train", str(config), "--out", str(out), "--set", "stages.1.train.steps=1", "--no-progress", "--cpu"]) == 0
+    return config, out
+
+
+def test_train_writes_a_checkpoint_and_a_sample_grid(trained, capsys):
+    config, out = trained
+    assert (out / "checkpoint" / "config.json").exists()
+    assert (out / "checkpoint" / "stage1.ema.safetensors").exists()
+    assert Image.open(out / "samples.png").size[0] > 16
+    assert load_config(out / "config.yaml")["stages"][1]["train"]["steps"] == 1  # the override is recorded
+    trainer_state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    assert trainer_state["steps"] == [2, 1]
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["train", str(config), "--out", str(out), "--no-progress"])
+
+
+def test_sample_writes_numbered_images_in_prompt_order_and_a_grid(trained, tmp_path):
+    _, out = trained
+    prompts = ["a red circle", "a blue square"]
+    dest = tmp_path / "s"
+    assert main(["sample", str(out / "checkpoint"), "--prompt", *prompts, "--out", str(dest), "--seed", "5",
+                 "--num-images-per-prompt", "2", "--steps", "2"]) == 0
+    names = sorted(p.name for p in dest.iterdir())
+    assert names == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
+    assert Image.open(dest / "0003.png").size == (16, 16)  # the last stage's resolution
+
+    from imagen_lib.cascade import Cascade
+
+    cascade = Cascade.from_checkpoint(out / "checkpoint")
+    expected = cascade.sample(prompts, num_images_per_prompt=2, seed=5, steps=2, disable_progress=True)
+    got = torch.from_numpy(np.asarray(Image.open(dest / "0002.png"), dtype=np.float32)).permute(2, 0, 1) / 255
+    torch.testing.assert_close(got, expected[2], atol=1 / 255 + 1e-6, rtol=0)
+
+    # a prompts file and one image per call give the same files: seeds follow the image index
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    dest2 = tmp_path / "s2"
+    assert main(["sample", str(out / "checkpoint"), "--prompts-file", str(tmp_path / "prompts.txt"), "--out",
+                 str(dest2), "--seed", "5", "--num-images-per-prompt", "2", "--steps", "2", "--batch-size", "1"]) == 0
+    for name in names[:-1]:
+        a, b = (np.asarray(Image.open(d / name), dtype=np.int16) for d in (dest, dest2))
+        assert np.abs(a - b).max() <= 1
+
+
+def test_overrides_use_dotted_keys_and_yaml_values():
+    config = {"stages": [{"train": {"steps": 5}}], "trainer": {"lr": 0.1}}
+    out = apply_overrides(config, ["stages.0.train.steps=7", "trainer.lr=1e-4", "trainer.betas=[0.9, 0.95]",
+                                   "sample.prompts=[a, b]"])
+    assert out["stages"][0]["train"]["steps"] == 7 and out["trainer"]["lr"] == 1e-4
+    assert out["trainer"]["betas"] == [0.9, 0.95] and out["sample"]["prompts"] == ["a", "b"]
+    assert config["stages"][0]["train"]["steps"] == 5  # the input is not modified
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(config, ["trainer.lr"])
+    with pytest.raises(ValueError, match="index"):
+        apply_overrides(config, ["stages.3.train.steps=1"])
+
+
+def test_config_errors_name_the_key():
+    config = tiny_config(text=False)
+    config["stages"][0]["unett"] = "tiny-32"
+    with pytest.raises(ValueError, match=r"stages\.0.*unett"):
+        build_cascade(config)
+    config = tiny_config(text=False)
+    config["stages"][0]["preconditioning_type"] = "VE"
+    with pytest.raises(ValueError, match="preconditioning_type"):
+        build_cascade(config)
+    config = tiny_config(text=False)
+    config["stages"][0]["preconditioning"] = {"p_mean": -1.0, "pred_objective": "v"}
+    with pytest.raises(ValueError, match="pred_objective"):
+        build_cascade(config)
+
+
+def test_nemo_vocabulary_and_presets_build_the_intended_cascade():
+    config = tiny_config(text=True)
+    config["stages"][0].update(image_size=32, unet="tiny-32", preconditioning_type="EDM",
+                               preconditioning={"loss_type": "l1", "p_mean": -1.0, "p_std": 1.4},
+                               sampler={"step": 7, "cfg": 4.5})
+    config["stages"][1].update(image_size=64, unet={"preset": "tiny-sr64", "embed_dim": 16},
+                               preconditioning_type="DDPM", preconditioning={"pred_objective": "v"})
+    cascade = build_cascade(config)
+    base, sr = cascade.stages
+    assert base.net.text_embed_dim == cascade.text_encoder.embed_dim == 32  # the encoder's width, over the preset's
+    assert base.diffusion.P_mean == -1.0 and base.diffusion.loss_type == "l1"
+    assert base.sampler.steps == 7 and base.sampler.cond_scale == 4.5
+    assert type(sr.net).__name__ == "EfficientUnet" and sr.net.config["embed_dim"] == 16 and sr.net.lowres_cond
+    assert sr.diffusion.pred_objective == "v"

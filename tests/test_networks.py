@@ -1,0 +1,273 @@
+"""Unet / EfficientUnet: shapes, masks, gradients, the attention maths, checkpointing, channels-last, configs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from imagen_lib.attention import ImageAttention, make_text_context
+from imagen_lib.efficient_unet import EfficientUnet
+from imagen_lib.layers import NoiseEmbedding
+from imagen_lib.networks import NETWORKS, network_from_config
+from imagen_lib.unet import Unet
+
+ATTENTION = ["self", "cross", "stacked", "fused"]
+TEXT_DIM = 12
+
+
+def small_net(cls, attention_type="fused", text=True, lowres=False, **overrides):
+    """A net of a few thousand parameters: 2 levels (8 and 4 px), attention at 4 px and in the middle."""
+    kwargs = dict(embed_dim=16, channel_mult=(1, 2), num_res_blocks=1, attention_type=attention_type,
+                  text_embed_dim=TEXT_DIM if text else None, lowres_cond=lowres, per_head_channels=8, cond_dim=32)
+    kwargs.update(image_size=8, attention_resolutions=(4,)) if cls is Unet else kwargs.update(
+        attention_levels=(False, True))
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return randomize_zero_init(cls(**kwargs))
+
+
+def randomize_zero_init(net):
+    """Give zero-initialised layers small random weights, so that every path shows in outputs and gradients."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return net
+
+
+def inputs(net, batch=3, size=8, tokens=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    kw = {}
+    if net.text_embed_dim is not None:
+        mask = torch.zeros(batch, tokens, dtype=torch.bool)
+        mask[0, :3] = True  # row 0: 3 real tokens then padding
+        mask[1, :] = True  # row 1: all real
+        # row 2: no text at all (classifier-free guidance's unconditional pass)
+        kw.update(text_embeds=torch.randn(batch, tokens, net.text_embed_dim, generator=gen), text_mask=mask)
+    if net.lowres_cond:
+        kw.update(lowres_img=torch.randn(x.shape, generator=gen), lowres_noise_cond=torch.randn(batch, generator=gen))
+    return x, torch.randn(batch, generator=gen), kw
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+@pytest.mark.parametrize("attention_type", ATTENTION)
+@pytest.mark.parametrize("text", [True, False])
+@pytest.mark.parametrize("lowres", [False, True])
+def test_output_shape_and_finite(cls, attention_type, text, lowres):
+    net = small_net(cls, attention_type, text=text, lowres=lowres)
+    x, c, kw = inputs(net)
+    out = net(x, c, **kw)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+    assert net.channels == 3 and net.lowres_cond == lowres
+    assert net.text_embed_dim == (TEXT_DIM if text else None)
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+def test_text_net_without_text_embeds_is_the_unconditional_pass(cls):
+    net = small_net(cls, "cross")
+    x, c, kw = inputs(net)
+    no_text = net(x, c)
+    empty = net(x, c, text_embeds=kw["text_embeds"], text_mask=torch.zeros_like(kw["text_mask"]))
+    torch.testing.assert_close(no_text, empty)
+    assert not torch.allclose(no_text, net(x, c, **kw))  # text does change the output
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+@pytest.mark.parametrize("attention_type", ATTENTION)
+@pytest.mark.parametrize("use_null_token", [True, False])
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_padded_tokens_never_change_the_output(cls, attention_type, use_null_token, pooling):
+    net = small_net(cls, attention_type, use_null_token=use_null_token, feature_pooling_type=pooling)
+    x, c, kw = inputs(net)
+    out = net(x, c, **kw)
+    assert torch.isfinite(out).all()
+    changed = kw["text_embeds"].clone()
+    changed[~kw["text_mask"]] = 1e3 * torch.randn(int((~kw["text_mask"]).sum()), TEXT_DIM)
+    torch.testing.assert_close(net(x, c, **dict(kw, text_embeds=changed)), out, rtol=0, atol=1e-5)
+    changed[~kw["text_mask"]] = float("nan")  # not even NaN in a padded slot leaks through
+    torch.testing.assert_close(net(x, c, **dict(kw, text_embeds=changed)), out, rtol=0, atol=1e-5)
+    # ...while a real token does matter
+    changed = kw["text_embeds"].clone()
+    changed[1, 0] += 1.0
+    assert not torch.allclose(net(x, c, **dict(kw, text_embeds=changed))[1], out[1])
+
+
+@pytest.mark.parametrize("cls,options", [
+    (Unet, dict(attention_type="stacked", lowres=True, learned_sinu_pos_emb_dim=16)),
+    (Unet, dict(attention_type="fused", resblock_updown=True, scale_shift_norm=False, feature_pooling_type="mean")),
+    (EfficientUnet, dict(attention_type="stacked", lowres=True)),
+    (EfficientUnet, dict(attention_type="fused", learned_sinu_pos_emb_dim=8, resample_with_conv=False)),
+])
+def test_every_parameter_receives_a_gradient(cls, options):
+    net = small_net(cls, **options)
+    x, c, kw = inputs(net)
+    net(x, c, **kw).square().mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+def test_zero_init_output_and_gradients_at_default_init(cls):
+    kw = dict(embed_dim=16, channel_mult=(1, 2), num_res_blocks=1, text_embed_dim=TEXT_DIM, per_head_channels=8)
+    net = cls(**kw, **(dict(image_size=8, attention_resolutions=(4,)) if cls is Unet else {}))
+    x, c, kwargs = inputs(net)
+    out = net(x, c, **kwargs)
+    assert torch.equal(out, torch.zeros_like(out))  # the untrained net predicts 0 (zero-init output conv)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def reference_attention(layer: ImageAttention, x, tokens=None, mask=None):
+    """The same layer computed by hand in float64: explicit softmax with -inf on masked keys."""
+    p = {k: v.double() for k, v in layer.state_dict().items()}
+    b, ch, hh, ww = x.shape
+    groups = layer.norm.num_groups
+    xg = x.double().reshape(b, groups, -1)
+    xn = ((xg - xg.mean(-1, keepdim=True)) / torch.sqrt(xg.var(-1, unbiased=False, keepdim=True) + 1e-5))
+    xn = xn.reshape(b, ch, hh, ww) * p["norm.weight"][:, None, None] + p["norm.bias"][:, None, None]
+    t = xn.flatten(2).transpose(1, 2)  # (B, HW, C)
+    q = t @ p["to_q.weight"].T + p["to_q.bias"]
+    keys, values, masks = [], [], []
+    if layer.kind != "cross":
+        kv = t @ p["to_kv.weight"].T + p["to_kv.bias"]
+        keys.append(kv[..., :ch]), values.append(kv[..., ch:]), masks.append(torch.ones(b, t.shape[1], dtype=bool))
+    if layer.kind != "self":
+        kv = tokens.double() @ p["to_kv_text.weight"].T + p["to_kv_text.bias"]
+        keys.append(kv[..., :ch]), values.append(kv[..., ch:]), masks.append(mask)
+    k, v, m = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(masks, 1)
+    heads, d = layer.heads, ch // layer.heads
+    split = lambda z: z.reshape(b, -1, heads, d).transpose(1, 2)  # noqa: E731
+    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(d)
+    scores = scores.masked_fill(~m[:, None, None, :], float("-inf"))
+    out = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, -1, ch)
+    out = out @ p["proj_out.weight"].T + p["proj_out.bias"]
+    return x.double() + out.transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["self", "cross", "fused"])
+@pytest.mark.parametrize("float32", [False, True])
+def test_attention_matches_float64_reference(kind, float32):
+    torch.manual_seed(0)
+    layer = randomize_zero_init(ImageAttention(kind, 16, heads=4, context_dim=12, float32=float32))
+    x, tokens = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 12)
+    mask = torch.tensor([[True, True, False, True, False], [True, False, False, False, False]])
+    out = layer(x, make_text_context(tokens, mask, always_nonempty=False))
+    torch.testing.assert_close(out.double(), reference_attention(layer, x, tokens, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_stable_attention_in_bfloat16_is_finite_and_close():
+    net = small_net(Unet, "fused", stable_attention=True)
+    x, c, kw = inputs(net)
+    ref = net(x, c, **kw)
+    half = net.to(torch.bfloat16)
+    out = half(x.bfloat16(), c, **kw)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+def test_gradient_checkpointing_gives_the_same_output_and_gradients(cls):
+    plain = small_net(cls, "stacked", lowres=True)
+    ckpt = small_net(cls, "stacked", lowres=True, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, c, kw = inputs(plain)
+    outs = []
+    for net in (plain, ckpt):
+        out = net(x, c, **kw)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+def test_channels_last_gives_the_same_output(cls):
+    net = small_net(cls, "fused", lowres=True)
+    x, c, kw = inputs(net)
+    ref = net(x, c, **kw)
+    net = net.to(memory_format=torch.channels_last)
+    kw["lowres_img"] = kw["lowres_img"].contiguous(memory_format=torch.channels_last)
+    out = net(x.contiguous(memory_format=torch.channels_last), c, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+def test_config_round_trips_through_json(cls):
+    net = small_net(cls, "stacked", lowres=True, dropout=0.1, learned_sinu_pos_emb_dim=8).eval()
+    config = json.loads(json.dumps(net.config))
+    rebuilt = network_from_config(cls.__name__, config)
+    assert NETWORKS[cls.__name__] is cls and rebuilt.config == net.config
+    rebuilt.load_state_dict(net.state_dict())
+    x, c, kw = inputs(net)
+    torch.testing.assert_close(rebuilt.eval()(x, c, **kw), net(x, c, **kw))
+    with pytest.raises(ValueError, match="kind"):
+        network_from_config("Transformer", config)
+
+
+def test_noise_embedding_resolves_edm_and_log_snr_ranges():
+    emb = NoiseEmbedding(32)
+    for lo, hi, step in ((-1.6, 1.1, 0.005), (-20.0, 20.0, 0.05)):
+        c = torch.arange(lo, hi, step)
+        f = emb(c)
+        assert f.shape == (len(c), 65) and torch.equal(f[:, 0], c)
+        dist = torch.cdist(f, f) + torch.eye(len(c)) * 1e9
+        # distinct values (>= one grid step apart) never collide: the embedding separates them
+        assert dist.min() > 0.05, (lo, hi, dist.min())
+
+
+def test_noise_level_changes_the_output_in_both_ranges():
+    net = small_net(Unet, "self", text=False)
+    x = torch.randn(1, 3, 8, 8)
+    for a, b in ((0.10, 0.11), (15.0, 15.2)):
+        assert not torch.allclose(net(x, torch.tensor([a])), net(x, torch.tensor([b])), atol=1e-6)
+
+
+def test_bad_inputs_name_the_argument():
+    net = small_net(EfficientUnet, "cross", lowres=True)
+    x, c, kw = inputs(net)
+    cases = [
+        (dict(x=torch.randn(3, 4, 8, 8)), "x"),
+        (dict(x=torch.randn(3, 3, 7, 7), lowres_img=torch.randn(3, 3, 7, 7)), "x"),
+        (dict(noise_cond=torch.randn(2)), "noise_cond"),
+        (dict(text_embeds=torch.randn(3, 5, 7)), "text_embeds"),
+        (dict(text_mask=kw["text_mask"].float()), "text_mask"),
+        (dict(lowres_img=None), "lowres_img"),
+        (dict(lowres_img=torch.randn(3, 3, 4, 4)), "lowres_img"),
+        (dict(lowres_noise_cond=None), "lowres_noise_cond"),
+    ]
+    for change, name in cases:
+        args = {**kw, "x": x, "noise_cond": c, **change}
+        with pytest.raises(ValueError, match=name):
+            net(args.pop("x"), args.pop("noise_cond"), **args)
+    plain = small_net(Unet, "self", text=False)
+    with pytest.raises(ValueError, match="text_embeds"):
+        plain(x, c, text_embeds=kw["text_embeds"])
+    with pytest.raises(ValueError, match="lowres_img"):
+        plain(x, c, lowres_img=x)
+
+
+def test_bad_options_name_the_argument():
+    with pytest.raises(ValueError, match="attention_type"):
+        Unet(16, attention_type="linear")
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        Unet(16, image_size=32, channel_mult=(1, 2), attention_resolutions=(8,))
+    with pytest.raises(ValueError, match="num_res_blocks"):
+        EfficientUnet(16, channel_mult=(1, 2), num_res_blocks=(1, 2, 3))
+    with pytest.raises(ValueError, match="feature_pooling_type"):
+        Unet(16, channel_mult=(1, 2), attention_resolutions=(), feature_pooling_type="max")
+    with pytest.raises(ValueError, match="per_head_channels"):
+        Unet(16, image_size=8, channel_mult=(1, 2), attention_resolutions=(4,), per_head_channels=12)
+
+
+def test_efficient_unet_scales_skips_by_inverse_sqrt2():
+    scaled = small_net(EfficientUnet, "self", text=False)
+    unscaled = small_net(EfficientUnet, "self", text=False, skip_connection_scaling=False)
+    unscaled.load_state_dict(scaled.state_dict())
+    assert scaled.skip_scale == pytest.approx(2**-0.5) and unscaled.skip_scale == 1.0
+    x = torch.randn(1, 3, 8, 8)
+    assert not torch.allclose(scaled(x, torch.zeros(1)), unscaled(x, torch.zeros(1)))

@@ -1,0 +1,81 @@
+"""The package as a new user meets it: the README's commands, a fast offline import, the layering."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "imagen_lib"
+
+
+def _readme_commands() -> list[str]:
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("```bash")
+    block = lines[start + 1 : lines.index("```", start + 1)]
+    return [line for line in block if line and not line.startswith("#")]
+
+
+def test_readme_opens_with_the_main_job_and_the_test_command():
+    main_job, test_command = _readme_commands()
+    assert "imagen-lib train" in main_job and "pip install -q torch==2.13.0" in main_job
+    assert "pytest" in test_command and "torch==2.13.0" in test_command
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert _readme_commands()[1] in ci_lines
+
+
+def test_import_is_offline_and_lazy():
+    # transformers and accelerate are heavy and may look for the hub: a bare import must not load them.
+    code = (
+        "import sys, imagen_lib; "
+        "heavy = [m for m in ('transformers', 'accelerate', 'kornia') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_unknown_attribute_names_the_attribute():
+    import imagen_lib
+
+    with pytest.raises(AttributeError, match="NoSuchThing"):
+        imagen_lib.NoSuchThing  # noqa: B018
+
+
+# Layering (docs/architecture.md): networks never see diffusion, diffusion never sees networks.
+NETWORK_MODULES = {"layers", "attention", "unet", "efficient_unet", "networks", "presets"}
+MATHS_MODULES = {"sampling", "guidance", "diffusion", "diffusion_vp", "diffusion_edm", "noise_augment"}
+JOINING_MODULES = {"cascade", "trainer", "checkpoint", "config", "text", "cli", "commands", "data", "images"}
+
+
+def _imported_library_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n.split(".")[1] for n in names if n.startswith("imagen_lib.")}
+
+
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        (NETWORK_MODULES, MATHS_MODULES | JOINING_MODULES),
+        (MATHS_MODULES, NETWORK_MODULES | JOINING_MODULES),
+    ],
+    ids=["networks", "maths"],
+)
+def test_import_direction(layer, forbidden):
+    present = [PACKAGE / f"{name}.py" for name in sorted(layer) if (PACKAGE / f"{name}.py").exists()]
+    assert present, "no module of this layer exists"
+    for path in present:
+        bad = _imported_library_modules(path) & forbidden
+        assert not bad, f"{path.name} imports {sorted(bad)} across the layering of docs/architecture.md"
