@@ -76,9 +76,7 @@ class OursSide:
 
     def __init__(self, device: torch.device, lr: float = 1e-4):
         self.device = device
-        self.cascade = build_cascade()
-        if device.type != "cpu":  # built on the CPU already
-            self.cascade.to(device)
+        self.cascade = build_cascade().to(device)
         self.lr = lr
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 

@@ -40,9 +40,15 @@ def run(side: Any, device: torch.device, args: argparse.Namespace) -> dict[str, 
                  reverse=True)[:25]
     rows = [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3 / max(args.iters, 1),
              "share": e.self_cpu_time_total / total} for e in top]
+    by_shape = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: e.self_cpu_time_total, reverse=True)
+    rows_by_shape = [{"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count,
+                      "self_cpu_ms": e.self_cpu_time_total / 1e3 / max(args.iters, 1),
+                      "share": e.self_cpu_time_total / total} for e in by_shape[:15]]
     if args.artifacts:
         out = Path(args.artifacts)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"profile_{args.lib}_{stage}.txt").write_text(averages.table(sort_by=sort_key, row_limit=40))
+        (out / f"profile_{args.lib}_{stage}.txt").write_text(
+            averages.table(sort_by=sort_key, row_limit=40) + "\n\n"
+            + prof.key_averages(group_by_input_shape=True).table(sort_by=sort_key, row_limit=40))
         prof.export_chrome_trace(str(out / f"profile_{args.lib}_{stage}.trace.json"))
-    return {"stage": stage, "iters": args.iters, "top_ops": rows}
+    return {"stage": stage, "iters": args.iters, "top_ops": rows, "top_ops_by_shape": rows_by_shape}

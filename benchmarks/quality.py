@@ -6,6 +6,8 @@ Both libraries see the same batches (items ``16 k .. 16 k + 15`` of ``ShapesData
 (``common.caption_embeddings``), the same optimiser (Adam, the same learning rate, gradient clipping 1.0)
 and no EMA (in minutes of training an EMA of 0.9999 would still be the initial weights). Only the time
 spent in training steps counts against the budget; rendering the batches is done before the clock runs.
+On a CPU the clock is the process's CPU time divided by its threads: wall time on an idle machine, and a
+fair budget on a machine shared with other work (see ``train_stage``).
 """
 
 from __future__ import annotations
@@ -55,19 +57,25 @@ class Batches:
 
 
 def train_stage(side: Any, stage: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    """Optimiser steps on ``stage`` until ``args.minutes`` of step time have passed."""
+    """Optimiser steps on ``stage`` until its minutes (--minutes base, --sr-minutes SR) of step time have passed."""
     batches = Batches(32 if stage == "base" else 64, args.batch, device)
-    budget, spent, step, losses = args.minutes * 60.0, 0.0, 0, []
+    minutes = args.minutes if stage == "base" else args.sr_minutes
+    budget, spent, wall, step, losses = minutes * 60.0, 0.0, 0.0, 0, []
+    threads = torch.get_num_threads()
     torch.manual_seed(1)
     while spent < budget:
         images, embeds, mask = batches[step]
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         losses.append(side.step(stage, images, embeds, mask))
         common.synchronize(device)
-        spent += time.perf_counter() - start
+        wall += time.perf_counter() - start
+        # On a GPU the clock is wall time. On a CPU shared with other work it is this process's CPU time
+        # per thread: the same as wall time on an idle machine, but not lengthened when others take the cores.
+        spent = wall if device.type == "cuda" else spent + (time.process_time() - start_cpu) / threads
         step += 1
     tail = losses[-20:]
-    return {"steps": step, "seconds": spent, "images_seen": step * args.batch, "final_loss": sum(tail) / len(tail)}
+    return {"steps": step, "seconds": spent, "wall_seconds": wall, "images_seen": step * args.batch,
+            "final_loss": sum(tail) / len(tail)}
 
 
 def judge(side: Any, device: torch.device, args: argparse.Namespace, sampler: str, steps: int,
@@ -111,7 +119,7 @@ def run(side: Any, device: torch.device, args: argparse.Namespace) -> dict[str, 
     for i, (sampler, steps) in enumerate(_sampler_list(args.samplers)):
         grid = artifacts / f"quality_{args.lib}_{sampler}{steps}.png" if artifacts and i == 0 else None
         judged.append(judge(side, device, args, sampler, steps, grid))
-    return {"minutes_per_stage": args.minutes, "batch": args.batch, "lr": args.lr, "eval_n": args.eval_n,
+    return {"minutes": {"base": args.minutes, "sr": args.sr_minutes}, "batch": args.batch, "lr": args.lr, "eval_n": args.eval_n,
             "cond_scale": args.cond_scale, "training": training, "judged": judged,
             "params": {s: common.param_count(side.network(s)) for s in ("base", "sr")},
             "peak_rss_mib": common.peak_rss_mib()}

@@ -99,7 +99,7 @@ def tables(results: dict[str, Any]) -> str:
     if "quality" in s:
         q = results["quality"]
         parts.append("\n**Quality per compute**: shapes judge on fixed prompts after the same training minutes\n")
-        parts.append("| library | min/stage | steps base / sr | sampler:steps | fully correct | colour | shape | "
+        parts.append("| library | minutes base / sr | steps base / sr | sampler:steps | fully correct | colour | shape | "
                      "size | position | background |")
         parts.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
         for lib, r in q.items():
@@ -108,7 +108,7 @@ def tables(results: dict[str, Any]) -> str:
                 acc = j["accuracy"]
                 cells = " | ".join("-" if acc[k] is None else f"{acc[k]:.0%}"
                                    for k in ("color", "shape", "size", "position", "background"))
-                parts.append(f"| {lib} | {r['minutes_per_stage']} | {t['base']['steps']} / {t['sr']['steps']} | "
+                parts.append(f"| {lib} | {r['minutes']['base']:g} / {r['minutes']['sr']:g} | {t['base']['steps']} / {t['sr']['steps']} | "
                              f"{j['sampler']}:{j['steps']} | {j['all_correct']:.0%} | {cells} |")
     if "profile" in results:
         parts.append("\n**Our training step's hot spots** (torch.profiler, self CPU time per step)\n")

@@ -57,14 +57,15 @@ def section_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def section_quality(args: argparse.Namespace) -> dict[str, Any]:
-    minutes = "0.05" if args.quick else str(args.minutes)
+    minutes = ["--minutes", "0.05", "--sr-minutes", "0.05"] if args.quick else \
+        ["--minutes", str(args.minutes), "--sr-minutes", str(args.sr_minutes)]
     eval_n = "4" if args.quick else str(args.eval_n)
     samplers = {"ours": args.ours_quality_samplers, "peer": "heun:32"}
     if args.quick:
         samplers = {"ours": "heun:4,dpmpp_2m:2", "peer": "heun:2"}
     out = {}
     for lib in LIBS:
-        out[lib] = worker(args, lib, "quality", "--minutes", minutes, "--eval-n", eval_n, "--lr", str(args.lr),
+        out[lib] = worker(args, lib, "quality", *minutes, "--eval-n", eval_n, "--lr", str(args.lr),
                           "--samplers", samplers[lib], "--artifacts", str(HERE / "artifacts"))
     return out
 
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ours-python", default=sys.executable)
     parser.add_argument("--peer-python", default=str(HERE / ".peer-venv" / "bin" / "python"))
     parser.add_argument("--min-seconds", type=float, default=10.0, help="train: timed seconds per measurement")
-    parser.add_argument("--minutes", type=float, default=3.5, help="quality: training minutes per stage")
+    parser.add_argument("--minutes", type=float, default=4.0, help="quality: training minutes, base stage")
+    parser.add_argument("--sr-minutes", type=float, default=2.0, help="quality: training minutes, SR stage")
     parser.add_argument("--eval-n", type=int, default=48, help="quality: prompts judged")
     parser.add_argument("--lr", type=float, default=5e-4, help="quality: Adam learning rate (both libraries)")
     parser.add_argument("--ours-quality-samplers", default="heun:64,heun:32,dpmpp_2m:8,dpmpp_2m:12,dpmpp_2m:16")

@@ -37,23 +37,22 @@ NEW_COLORS: dict[str, tuple[int, int, int]] = {"pink": (245, 130, 190), "cyan": 
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="the checkpoint to start from (folder or fsspec URL); never modified")
     parser.add_argument("--stage", type=int, required=True, help="index of the stage to fine-tune (0 = base)")
     parser.add_argument("--out", required=True, help="where the new checkpoint goes (a new folder)")
     parser.add_argument("--data", default="shapes",
-                        help="'shapes' (with --new-color), or a folder of images with a same-named .txt caption beside each")
-    parser.add_argument("--new-color", default="pink", choices=sorted(NEW_COLORS), help="colour taught on the shapes data")
-    parser.add_argument("--new-color-share", type=float, default=0.5, help="share of shapes images repainted in it")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size per process")
+                        help="'shapes' (default; with --new-color), or a folder of images with a same-named .txt caption beside each")
+    parser.add_argument("--new-color", default="pink", choices=sorted(NEW_COLORS), help="colour taught on the shapes data (default pink)")
+    parser.add_argument("--new-color-share", type=float, default=0.5, help="share of shapes images repainted in it (default 0.5)")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size per process (default 16)")
     parser.add_argument("--lr", type=float, default=None,
                         help="peak learning rate (default: a tenth of the original run's, 1e-5 if it is not recorded)")
     parser.add_argument("--freeze", action="append", default=[], metavar="PREFIX",
                         help="freeze the stage's parameters whose names start with PREFIX (repeatable), e.g. "
                              "'cond', 'down' (Unet), 'dblocks' (EfficientUnet)")
-    parser.add_argument("--seed", type=int, default=0, help="data order and training noise")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and training noise (default 0)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -193,7 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if trainer.is_main_process:
         write_finetuned(trainer, args.checkpoint, args.out, k, args.overwrite)
-        print(f"wrote {args.out}; try: imagen-lib sample {args.out} --prompt \"a {args.new_color} circle\" --out samples")
+        prompt = f"a {args.new_color} circle" if args.data == "shapes" else "a caption"
+        print(f"wrote {args.out}; try: imagen-lib sample {args.out} --prompt \"{prompt}\" --out samples")
     trainer.accelerator.wait_for_everyone()
     return 0
 

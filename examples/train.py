@@ -27,24 +27,29 @@ from torch.utils.data import DataLoader
 
 from imagen_lib import checkpoint as ckpt
 from imagen_lib import config as cfg
-from imagen_lib.trainer import Trainer
+from imagen_lib import Trainer
+
+
+def stage_choice(value: str):
+    if value == "all" or value.isdigit():
+        return value if value == "all" else int(value)
+    raise argparse.ArgumentTypeError(f"expected 'all' or a stage index, got {value!r}")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML or JSON training config (see imagen_lib/config.py)")
     parser.add_argument("--out", required=True, help="output folder: checkpoint/, samples/, tracker logs")
-    parser.add_argument("--stage", default="all", help="'all' (in order, lowest resolution first) or one stage index")
+    parser.add_argument("--stage", type=stage_choice, default="all", help="'all' (default; in order, lowest resolution first) or one stage index")
     parser.add_argument("--data", default=None,
                         help="'shapes', or a folder of images with a same-named .txt caption beside each "
                              "(default: the config's data block)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. --set stages.0.train.steps=100")
     parser.add_argument("--log-with", default=None, help="Accelerate tracker(s): tensorboard, wandb, all, ...")
-    parser.add_argument("--log-every", type=int, default=50, help="steps between logged losses")
-    parser.add_argument("--sample-every", type=int, default=500, help="steps between sample grids (0: never)")
-    parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (0: only per stage)")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between logged losses (default 50)")
+    parser.add_argument("--sample-every", type=int, default=500, help="steps between sample grids (default 500; 0: never)")
+    parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (default 1000; 0: only after each stage)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 
@@ -107,10 +112,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.load(checkpoint)  # weights, EMA, optimizer, schedule, step counts and RNG
         accelerator.print(f"resumed from {checkpoint} at steps {trainer.steps}")
     if args.log_with:
-        accelerator.init_trackers(out.name, config=flatten(config))
+        accelerator.init_trackers("imagen_lib", config=flatten(config))  # tensorboard: OUT/imagen_lib/
 
-    stages = list(range(len(cascade.stages))) if args.stage == "all" else [int(args.stage)]
-    if not set(stages) <= set(range(len(cascade.stages))):
+    stages = list(range(len(cascade.stages))) if args.stage == "all" else [args.stage]
+    if stages[-1] >= len(cascade.stages):
         raise SystemExit(f"--stage: expected 'all' or an index in [0, {len(cascade.stages) - 1}], got {args.stage}")
     prompts = sample_prompts(config, make_dataset(config, args.data, cascade.stages[0].image_size)[0])
     for k in stages:

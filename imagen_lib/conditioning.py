@@ -131,7 +131,8 @@ class Conditioning(nn.Module):
             text_embeds = torch.zeros(b, 1, self.text_embed_dim, device=device)
             text_mask = torch.zeros(b, 1, dtype=torch.bool, device=device)
         if not torch.is_tensor(text_embeds) or not text_embeds.is_floating_point():
-            raise ValueError(f"text_embeds: expected a float tensor, got {getattr(text_embeds, 'dtype', type(text_embeds))}")
+            got = getattr(text_embeds, "dtype", type(text_embeds))
+            raise ValueError(f"text_embeds: expected a float tensor, got {got}")
         if text_embeds.dim() != 3 or text_embeds.shape[0] != b or text_embeds.shape[2] != self.text_embed_dim:
             raise ValueError(f"text_embeds: expected shape ({b}, N, {self.text_embed_dim}), "
                              f"got {tuple(text_embeds.shape)}")

@@ -181,8 +181,11 @@ class Step(nn.Module):
 
 
 def heads_for(channels: int, num_attn_heads: int, per_head_channels: Optional[int]) -> int:
-    """Heads of an attention block: ``channels // per_head_channels`` when that is set, else ``num_attn_heads``."""
+    """Heads of an attention block: ``channels // per_head_channels`` when that is set (one head for a block
+    no wider than one head), else ``num_attn_heads``."""
     if per_head_channels:
+        if channels <= per_head_channels:
+            return 1
         if channels % per_head_channels:
             raise ValueError(f"per_head_channels: {per_head_channels} must divide every attention width, "
                              f"got a block with {channels} channels")

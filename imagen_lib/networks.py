@@ -1,11 +1,11 @@
-"""The table of network classes that checkpoints name, and rebuilding a network from its config.
+"""The table of network classes that checkpoints name, rebuilding a network from its config, and NeMo configs.
 
 An explicit table (no ``globals()`` look-up): a checkpoint can only ever build one of these classes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from torch import nn
 
@@ -13,6 +13,12 @@ from imagen_lib.efficient_unet import EfficientUnet
 from imagen_lib.unet import Unet
 
 NETWORKS: dict[str, type[nn.Module]] = {"Unet": Unet, "EfficientUnet": EfficientUnet}
+
+# NeMo option name -> ours, where they differ
+_NEMO_RENAMES = {"num_resblocks": "num_res_blocks", "atnn_enabled_at": "attention_levels",
+                 "low_res_cond": "lowres_cond"}
+# NeMo options with no effect here: SDPA picks flash / memory-efficient kernels itself
+_NEMO_IGNORED = {"flash_attention"}
 
 
 def network_from_config(kind: str, config: dict[str, Any]) -> Union[Unet, EfficientUnet]:
@@ -22,3 +28,34 @@ def network_from_config(kind: str, config: dict[str, Any]) -> Union[Unet, Effici
     if not isinstance(config, dict):
         raise TypeError(f"config: expected a dict of constructor arguments, got {type(config).__name__}")
     return NETWORKS[kind](**config)
+
+
+def from_nemo(unet_type: Literal["base", "sr-unet", "sr"], unet: dict[str, Any], text_embed_dim: int = 1024,
+              **overrides: Any) -> Union[Unet, EfficientUnet]:
+    """Build a network from a NeMo Imagen ``model.unet`` block (e.g. a dict loaded from its yaml).
+
+    Args:
+        unet_type: NeMo's ``model.unet_type``: ``"base"`` (Unet), ``"sr-unet"`` (Unet with the low-res
+            image), ``"sr"`` (EfficientUnet, always with the low-res image).
+        unet: the ``model.unet`` mapping; NeMo's names are accepted (``num_resblocks``, ``atnn_enabled_at``,
+            ``low_res_cond``; ``stride`` must be 2; ``flash_attention`` is ignored, SDPA chooses kernels).
+        text_embed_dim: NeMo's ``model.conditioning.embed_dim`` (1024).
+        overrides: constructor arguments applied last (e.g. ``use_null_token=True``).
+    """
+    table = {"base": (Unet, False), "sr-unet": (Unet, True), "sr": (EfficientUnet, True)}
+    if unet_type not in table:
+        raise ValueError(f"unet_type: expected one of {sorted(table)}, got {unet_type!r}")
+    cls, lowres = table[unet_type]
+    kwargs: dict[str, Any] = {"lowres_cond": lowres, "text_embed_dim": text_embed_dim}
+    for key, value in unet.items():
+        if key in _NEMO_IGNORED:
+            continue
+        if key == "stride":
+            if value != 2:
+                raise ValueError(f"unet.stride: only 2 is supported, got {value}")
+            continue
+        kwargs[_NEMO_RENAMES.get(key, key)] = value
+    if "attention_levels" in kwargs:
+        kwargs["attention_levels"] = [bool(a) for a in kwargs["attention_levels"]]
+    kwargs.update(overrides)
+    return cls(**kwargs)

@@ -8,10 +8,9 @@ path, each fed the matching skip by concatenation. See :class:`Unet` for the opt
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imagen_lib.attention import ATTENTION_TYPES, AttentionBlock, AttentionType

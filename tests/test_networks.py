@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -271,3 +272,49 @@ def test_efficient_unet_scales_skips_by_inverse_sqrt2():
     assert scaled.skip_scale == pytest.approx(2**-0.5) and unscaled.skip_scale == 1.0
     x = torch.randn(1, 3, 8, 8)
     assert not torch.allclose(scaled(x, torch.zeros(1)), unscaled(x, torch.zeros(1)))
+
+
+def test_efficient_unet_resamples_around_the_convolutions():
+    net = small_net(EfficientUnet, "self", text=False, channel_mult=(1, 2, 2), num_res_blocks=(1, 2, 1),
+                    attention_levels=(False, False, True))
+    seen = {}
+    for name, module in net.named_modules():
+        if re.fullmatch(r"[du]blocks\.\d+\.blocks\.0", name):  # the first res block of each level
+            module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0].shape[-1]))
+    net(torch.randn(1, 3, 16, 16), torch.zeros(1))
+    # down path: a level's res blocks already run at its (halved) size; up path: before upsampling
+    assert seen == {"dblocks.0.blocks.0": 16, "dblocks.1.blocks.0": 8, "dblocks.2.blocks.0": 4,
+                    "ublocks.0.blocks.0": 8, "ublocks.1.blocks.0": 16}
+    assert len(net.dblocks[1].blocks) == 2 and len(net.ublocks[0].blocks) == 2  # per-level counts, both paths
+
+
+def test_unet_attention_placement_by_level_and_middle():
+    by_res = Unet(16, image_size=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+                  attention_type="self", text_embed_dim=None, per_head_channels=8)
+    by_level = Unet(dim=16, image_size=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                    attention_levels=(False, True, False), middle_attention=False, attention_type="self",
+                    text_embed_dim=None, per_head_channels=8)
+    assert by_level.config["embed_dim"] == 16
+    with_attn = lambda net: [i for i, step in enumerate(net.down) if step.attn is not None]  # noqa: E731
+    assert with_attn(by_res) == with_attn(by_level) == [2]  # the one res block at 8 px
+    assert by_res.middle.attn is not None and by_level.middle.attn is None
+
+
+def test_from_nemo_reads_nemo_unet_blocks():
+    from imagen_lib.networks import from_nemo
+
+    sr = dict(embed_dim=8, image_size=16, channels=3, channel_mult=[1, 2], num_attn_heads=2, per_head_channels=8,
+              attention_type="stacked", atnn_enabled_at=[0, 1], feature_pooling_type="attention", stride=2,
+              num_resblocks=[1, 2], learned_sinu_pos_emb_dim=0, use_null_token=False, init_conv_kernel_size=3,
+              gradient_checkpointing=False, scale_shift_norm=True, stable_attention=False, flash_attention=True,
+              skip_connection_scaling=True)
+    net = from_nemo("sr", sr, text_embed_dim=TEXT_DIM)
+    assert type(net) is EfficientUnet and net.lowres_cond and net.config["num_res_blocks"] == [1, 2]
+    assert net.config["attention_levels"] == [False, True] and net.text_embed_dim == TEXT_DIM
+    base = dict(embed_dim=8, image_size=8, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions=[4],
+                attention_type="fused", cond_dim=16, dropout=False, resblock_updown=False, flash_attention=False)
+    assert type(from_nemo("base", base)) is Unet and from_nemo("sr-unet", base).lowres_cond
+    with pytest.raises(ValueError, match="stride"):
+        from_nemo("sr", dict(sr, stride=4))
+    with pytest.raises(ValueError, match="unet_type"):
+        from_nemo("sr1024", sr)

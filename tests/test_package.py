@@ -48,7 +48,7 @@ def test_unknown_attribute_names_the_attribute():
 
 
 # Layering (docs/architecture.md): networks never see diffusion, diffusion never sees networks.
-NETWORK_MODULES = {"layers", "attention", "unet", "efficient_unet", "networks", "presets"}
+NETWORK_MODULES = {"layers", "attention", "conditioning", "unet", "efficient_unet", "networks", "presets"}
 MATHS_MODULES = {"sampling", "guidance", "diffusion", "diffusion_vp", "diffusion_edm", "noise_augment"}
 JOINING_MODULES = {"cascade", "trainer", "checkpoint", "config", "text", "cli", "commands", "data", "images"}
 

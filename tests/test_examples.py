@@ -1,0 +1,183 @@
+"""The examples under examples/ run as they stand, at tiny settings.
+
+- the notebook executes (nbclient) with its tiny settings and shows its grids; it is stored without outputs;
+- examples/train.py trains in two processes started by `accelerate launch`, writes one checkpoint that
+  `imagen-lib sample` reads, and resumes from it by itself;
+- examples/finetune.py changes only the chosen stage and never touches the original checkpoint;
+- both scripts answer --help offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+TINY = EXAMPLES / "tiny.yaml"
+FAST = ["--set", "stages.0.train.steps=2", "--set", "stages.1.train.steps=2", "--no-progress"]
+
+
+def run(cmd: list, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run a command offline, one thread per process (the CI machine has two cores); fail with its output."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{cmd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Two processes on the CPU. `accelerate launch --cpu` starts a single process unless MPI is set up, so
+    the processes are started by the launcher's torchrun path, and ACCELERATE_USE_CPU puts them on gloo."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    done = run([*launch, EXAMPLES / "train.py", "--config", TINY, "--out", out, "--sample-every", "2", *FAST],
+               cwd=out.parent, ACCELERATE_USE_CPU="1")
+    out.joinpath("log.txt").write_text(done.stdout + done.stderr)
+    return out
+
+
+def test_train_with_two_processes_writes_one_checkpoint(trained):
+    log = trained.joinpath("log.txt").read_text()
+    assert "process 1/2: done" in log and "process 2/2: done" in log  # both ranks ran, as a pair, and finished
+    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint", "log.txt", "samples"]  # no stray tmp folders
+    checkpoint = trained / "checkpoint"
+    assert sorted(p.name for p in checkpoint.iterdir() if p.is_file()) == [
+        "config.json", "stage0.ema.safetensors", "stage0.safetensors", "stage1.ema.safetensors", "stage1.safetensors",
+        "trainer.json", "trainer.safetensors"]
+    assert json.loads((checkpoint / "trainer.json").read_text())["steps"] == [2, 2]
+    assert sorted(p.name for p in (trained / "samples").iterdir()) == ["final.png", "stage0-000002.png", "stage1-000002.png"]
+
+
+def test_sample_command_reads_the_checkpoint(trained, tmp_path):
+    run([sys.executable, "-m", "imagen_lib.cli", "sample", trained / "checkpoint", "--prompt", "a red circle",
+         "a small blue square", "--out", tmp_path / "s", "--steps", "2"], cwd=tmp_path)
+    from PIL import Image
+
+    assert [Image.open(tmp_path / "s" / f"000{i}.png").size for i in range(2)] == [(32, 32), (32, 32)]
+
+
+def test_train_resumes_from_its_checkpoint(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained / "checkpoint", out / "checkpoint")
+    done = run([sys.executable, EXAMPLES / "train.py", "--config", TINY, "--out", out, "--stage", "0",
+                "--sample-every", "0", *FAST, "--set", "stages.0.train.steps=3"], cwd=tmp_path)
+    assert "resumed from" in done.stdout and "at steps [2, 2]" in done.stdout
+    assert "stage 0: 1 steps" in done.stdout  # only the missing step is trained
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["steps"] == [3, 2]
+
+
+def test_finetune_changes_only_its_stage_and_never_the_original(trained, tmp_path):
+    from imagen_lib import Cascade
+
+    original = trained / "checkpoint"
+    before = file_hashes(original)
+    out = tmp_path / "pink"
+    run([sys.executable, EXAMPLES / "finetune.py", "--checkpoint", original, "--stage", "0", "--out", out,
+         "--steps", "2", "--batch-size", "4", "--new-color-share", "1", "--no-progress"], cwd=tmp_path)
+    assert file_hashes(original) == before  # not a byte of the original changed
+    after = file_hashes(out)
+    for name in ("stage1.safetensors", "stage1.ema.safetensors", "config.json", "text_encoder/model.safetensors"):
+        assert after[name] == before[name], name
+    for use_ema in (True, False):
+        old = Cascade.from_checkpoint(original, use_ema=use_ema)
+        new = Cascade.from_checkpoint(out, use_ema=use_ema)
+        old_sr, new_sr = old.stages[1].net.state_dict(), new.stages[1].net.state_dict()
+        assert all(torch.equal(old_sr[key], new_sr[key]) for key in old_sr)  # bit-identical
+        old_base, new_base = old.stages[0].net.state_dict(), new.stages[0].net.state_dict()
+        assert any(not torch.equal(old_base[key], new_base[key]) for key in old_base)  # stage 0 did train
+    images = new.sample(["a pink circle"], seed=0, steps=2, disable_progress=True)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_finetune_refuses_to_write_into_the_original(tmp_path):
+    finetune = load_example("finetune")
+    with pytest.raises(SystemExit, match="overlaps the original"):
+        finetune.check_out(str(tmp_path / "ckpt"), str(tmp_path / "ckpt"), overwrite=True)
+    with pytest.raises(SystemExit, match="overlaps the original"):
+        finetune.check_out(str(tmp_path / "ckpt"), str(tmp_path / "ckpt" / "inner"), overwrite=True)
+
+
+def test_finetune_data_repaints_shapes_in_the_new_colour():
+    finetune = load_example("finetune")
+    from imagen_lib import ShapesDataset
+    from imagen_lib.data import shapes
+
+    base = ShapesDataset(image_size=32, seed=3)
+    indices = list(range(6))
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(
+        finetune.RecoloredShapes(base, "cyan", share=0.0).__getitems__(indices), base.__getitems__(indices)))
+    cyan = torch.tensor(finetune.NEW_COLORS["cyan"], dtype=torch.float32)[:, None, None]
+    for item, plain in zip(finetune.RecoloredShapes(base, "cyan", share=1.0).__getitems__(indices),
+                           base.__getitems__(indices)):
+        old = plain["attributes"]["color"]
+        assert item["attributes"]["color"] == "cyan" and "cyan" in item["texts"] and old not in item["texts"]
+        plain_px, new_px = (plain["images"] + 1) * 127.5, (item["images"] + 1) * 127.5  # 0..255
+        fg = torch.tensor(shapes.COLORS[old], dtype=torch.float32)[:, None, None]
+        bg = torch.tensor(shapes.BACKGROUNDS[plain["attributes"]["background"]], dtype=torch.float32)[:, None, None]
+        inside = (plain_px - fg).abs().amax(0) < 0.5  # pixels fully covered by the shape
+        outside = (plain_px - bg).abs().amax(0) < 1e-3  # not touched by the shape at all
+        assert inside.any() and outside.any()
+        assert (new_px - cyan).abs().amax(0)[inside].max() < 0.5  # now exactly the new colour
+        assert torch.allclose(new_px[:, outside], plain_px[:, outside], atol=1e-3)  # background untouched
+
+
+def test_scripts_answer_help_offline(tmp_path):
+    for script, option in (("train.py", "--config"), ("finetune.py", "--checkpoint")):
+        done = run([sys.executable, EXAMPLES / script, "--help"], cwd=tmp_path, HF_HUB_OFFLINE="1")
+        assert option in done.stdout and "usage:" in done.stdout
+
+
+def test_notebook_is_stored_without_outputs():
+    import nbformat
+
+    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])  # the settings cell comes first
+
+
+def test_notebook_runs_at_tiny_settings(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("IMAGEN_QUICKSTART_TINY", "1")  # read by the notebook's settings cell
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(shown) == 6  # data preview, samples, guidance, thresholding, samplers, inpainting
+    assert (tmp_path / "runs" / "quickstart" / "checkpoint" / "config.json").is_file()
