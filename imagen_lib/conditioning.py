@@ -55,7 +55,8 @@ class TextConditioner(nn.Module):
         self.text_embed_dim, self.pooling = text_embed_dim, pooling
         self.proj = nn.Sequential(nn.LayerNorm(text_embed_dim), nn.Linear(text_embed_dim, cond_dim))
         self.null_token = nn.Parameter(0.02 * torch.randn(1, 1, cond_dim)) if use_null_token else None
-        self.pool_score = nn.Linear(cond_dim, 1) if pooling == "attention" else None
+        # no bias: softmax over tokens is unchanged by a constant shift, so a bias would never learn
+        self.pool_score = nn.Linear(cond_dim, 1, bias=False) if pooling == "attention" else None
         self.to_cond = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, cond_dim))
 
     def _pool(self, tokens: Tensor, mask: Tensor) -> Tensor:

@@ -21,7 +21,18 @@ The vocabulary follows NeMo's Imagen configs where they have a word for it (``un
         sampler: {sampler: dpmpp_2m, steps: 25, cond_scale: 3.0, threshold: dynamic}   # SamplerSettings
         noise_aug: {schedule: cosine, sample_level: 0.2, max_train_level: 1.0}        # SR stages only
         train: {steps: 1000, batch_size: 32}
-    data: {type: shapes, seed: 0, length: 100000, num_workers: 0}
+    data: {type: shapes, seed: 0, length: 100000, num_workers: 0}      # the built-in captioned shapes, or
+    data:                            # a folder of images with a same-named .txt caption beside each
+      type: folder
+      root: path/to/images
+      embeddings: path/to/store      # optional: imagen-lib precache's store; then no text_encoder is loaded
+      token_length: 128              # optional: trim or pad precomputed embeddings (default: the store's)
+      crop: center                   # or random; flip: false; min_size: null (image_size // 2); seed: 0
+    data:                            # or WebDataset shards (local paths or any fsspec URL)
+      type: shards
+      urls: data/shard-{000000..000099}.tar       # a list, a brace pattern or a glob
+      text: auto                     # auto | texts | embeddings (precached shards); token_length, crop, flip,
+      shuffle_buffer: 1000           # shuffle_shards (true) and seed as for folders; num_workers for both
     trainer: {lr: 1.0e-4, warmup_steps: 100, mixed_precision: "no"}     # TrainerSettings fields
     sample: {prompts: ["a red circle"], seed: 0, num_images_per_prompt: 1}
 
@@ -31,6 +42,7 @@ is read as YAML (``1e-4``, ``true``, ``[1, 2]``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -45,7 +57,15 @@ STAGE_KEYS = {"image_size", "unet", "preconditioning_type", "preconditioning", "
 TEXT_KEYS = {"name_or_path", "encoder_path", "build_tiny", "seed", "max_length", "token_length", "trainable", "dtype"}
 TRAIN_KEYS = {"steps", "batch_size"}
 SAMPLE_KEYS = {"prompts", "seed", "num_images_per_prompt"}
-DATA_TYPES = ("shapes",)
+# data.type -> the keys its block may hold besides ``type`` and ``num_workers``
+DATA_KEYS = {
+    "shapes": {"length", "seed", "supersample"},
+    "folder": {"root", "embeddings", "token_length", "crop", "flip", "min_size", "extensions", "seed"},
+    "shards": {"urls", "text", "token_length", "crop", "flip", "shuffle_buffer", "shuffle_shards", "seed"},
+}
+DATA_TYPES = tuple(DATA_KEYS)
+DATA_REQUIRED = {"folder": ("root", "the folder of images with a .txt caption beside each"),
+                 "shards": ("urls", "shard paths or fsspec URLs: a list, a brace pattern or a glob")}
 # NeMo's preconditioning names -> ours
 EDM_KEYS = {"loss_type": "loss_type", "sigma_data": "sigma_data", "p_mean": "P_mean", "P_mean": "P_mean",
             "p_std": "P_std", "P_std": "P_std", "sigma_min": "sigma_min", "sigma_max": "sigma_max", "rho": "rho"}
@@ -220,7 +240,7 @@ def build_cascade(config: dict):
     if config.get("seed") is not None:
         torch.manual_seed(int(config["seed"]))
     encoder = build_text_encoder(config.get("text_encoder"))
-    dim = encoder.embed_dim if encoder is not None else config.get("text_embed_dim")
+    dim = _text_embed_dim(config, encoder)
     stages = []
     for k, sc in enumerate(stages_cfg):
         sc = _check_keys(sc, STAGE_KEYS, f"stages.{k}")
@@ -261,14 +281,121 @@ def sample_settings(config: dict) -> dict:
             "num_images_per_prompt": int(block.get("num_images_per_prompt", 1))}
 
 
-def build_dataset(config: dict, image_size: int):
-    """The training data set of the ``data`` block at ``image_size``, and its ``num_workers``."""
-    block = dict(config.get("data") or {"type": "shapes"})
+def data_block(config: dict) -> tuple[str, dict, int]:
+    """``(type, options, num_workers)`` of the ``data`` block (default ``{type: shapes}``), checked."""
+    block = config.get("data")
+    block = {"type": "shapes"} if block is None else block
+    if not isinstance(block, dict):
+        raise ValueError(f"data: expected a mapping with a 'type', got {type(block).__name__}")
+    block = dict(block)
     kind = block.pop("type", "shapes")
-    num_workers = int(block.pop("num_workers", 0))
-    if kind not in DATA_TYPES:
+    if kind not in DATA_KEYS:
         raise ValueError(f"data.type: expected one of {list(DATA_TYPES)}, got {kind!r}")
-    from imagen_lib.data.shapes import ShapesDataset
+    num_workers = block.pop("num_workers", 0)
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"data.num_workers: expected an int >= 0, got {num_workers!r}")
+    _check_keys(block, DATA_KEYS[kind], f"data ({kind})")
+    if kind in DATA_REQUIRED:
+        key, what = DATA_REQUIRED[kind]
+        if not block.get(key):
+            raise ValueError(f"data.{key}: missing; expected {what}")
+    return kind, block, num_workers
 
-    _check_keys(block, {"length", "seed", "supersample"}, "data")
-    return ShapesDataset(image_size=image_size, **block), num_workers
+
+def precomputed_text_dim(config: dict) -> Optional[int]:
+    """Width of the precomputed caption embeddings the ``data`` block reads (None when it reads captions):
+    the store's for a folder with ``embeddings``, the first sample's ``emb.npy`` for precached shards."""
+    kind, block, _ = data_block(config)
+    with _data_errors(kind):
+        if kind == "folder" and block.get("embeddings") is not None:
+            from imagen_lib.data.precache import EmbeddingStore
+
+            return EmbeddingStore(block["embeddings"]).dim
+        if kind == "shards" and block.get("text", "auto") != "texts":
+            import io
+
+            import numpy as np
+
+            from imagen_lib.data.shards import expand_urls, iter_shard_samples
+
+            with contextlib.closing(iter_shard_samples(expand_urls(block["urls"])[0])) as samples:
+                first = next(samples, None)  # closing the generator closes the shard's stream
+            if first is not None and "emb.npy" in first:
+                return int(np.load(io.BytesIO(first["emb.npy"]), allow_pickle=False).shape[-1])
+    return None
+
+
+def _text_embed_dim(config: dict, encoder) -> Optional[int]:
+    """The nets' text width: the encoder's, else ``text_embed_dim``, else the precomputed embeddings'; the
+    precomputed embeddings must agree with the first two."""
+    given = encoder.embed_dim if encoder is not None else config.get("text_embed_dim")
+    if data_block(config)[0] == "shapes":
+        return given
+    stored = precomputed_text_dim(config)
+    if stored is not None and given is not None and stored != given:
+        source = "the text_encoder's width" if encoder is not None else "text_embed_dim"
+        raise ValueError(f"data: the precomputed embeddings are {stored} wide, but {source} is {given}")
+    if stored is None and given is None:
+        raise ValueError(
+            "text_encoder: captions need a text_encoder block, or precomputed embeddings "
+            "(imagen-lib precache, then data.embeddings for a folder or the precached shards' urls)"
+        )
+    return given if given is not None else stored
+
+
+def build_dataset(config: dict, image_size: int):
+    """The training data set of the ``data`` block at ``image_size``, and its ``num_workers``.
+
+    ``shapes``: :class:`~imagen_lib.data.shapes.ShapesDataset`; ``folder``:
+    :class:`~imagen_lib.data.folder.ImageTextFolder`; ``shards``: :class:`~imagen_lib.data.shards.ShardDataset`
+    (it splits itself across processes and workers). Without a ``text_encoder`` block the data must carry
+    precomputed embeddings, and ``sample.prompts`` must be empty (there is nothing to encode them with).
+    """
+    kind, block, num_workers = data_block(config)
+    if kind == "shapes":
+        from imagen_lib.data.shapes import ShapesDataset
+
+        return ShapesDataset(image_size=image_size, **block), num_workers
+    has_encoder = bool(config.get("text_encoder"))
+    if not has_encoder and sample_settings(config)["prompts"]:
+        raise ValueError(
+            "sample.prompts: this config has no text_encoder (it trains on precomputed embeddings), so prompts "
+            "cannot be encoded; remove them and sample the checkpoint with the encoder afterwards"
+        )
+    with _data_errors(kind):
+        if kind == "folder":
+            return _folder(block, image_size, has_encoder), num_workers
+        return _shards(block, image_size, has_encoder), num_workers
+
+
+@contextlib.contextmanager
+def _data_errors(kind: str):
+    """The data sets' errors name their argument; say that it came from the config's ``data`` block."""
+    try:
+        yield
+    except (TypeError, ValueError, OSError) as error:
+        raise ValueError(f"data ({kind}): {error}") from error
+
+
+def _folder(block: dict, image_size: int, has_encoder: bool):
+    from imagen_lib.data.folder import ImageTextFolder
+
+    if not has_encoder and block.get("embeddings") is None:
+        raise ValueError("embeddings: missing; without a text_encoder block the captions must be precomputed "
+                         "(imagen-lib precache --encoder T5 ROOT STORE, then data.embeddings: STORE)")
+    block = dict(block)
+    if "extensions" in block:
+        block["extensions"] = tuple(block["extensions"])
+    return ImageTextFolder(block.pop("root"), image_size, **block)
+
+
+def _shards(block: dict, image_size: int, has_encoder: bool):
+    from imagen_lib.data.shards import ShardDataset
+
+    block = dict(block)
+    text = block.pop("text", "auto")
+    if not has_encoder:
+        if text == "texts":
+            raise ValueError("text: 'texts' needs a text_encoder block; use precached shards with text: embeddings")
+        text = "embeddings"  # a shard without emb.npy then fails with a message naming precache
+    return ShardDataset(block.pop("urls"), image_size, text=text, **block)

@@ -341,9 +341,12 @@ class Trainer:
         return {"stage": k, "steps": int(steps), "loss": mean, "seconds": time.time() - start}
 
     def _prepare_loader(self, dataloader: Iterable) -> Iterable:
+        """Let Accelerate shard a DataLoader over the processes, unless its data set already reads a
+        different part on each process (``split_by_process``, e.g. ``ShardDataset``): sharding it again
+        would drop or duplicate data. The cascade moves batches to its device itself."""
         from torch.utils.data import DataLoader
 
-        if isinstance(dataloader, DataLoader):
+        if isinstance(dataloader, DataLoader) and not getattr(dataloader.dataset, "split_by_process", False):
             return self.accelerator.prepare_data_loader(dataloader)
         return dataloader
 
@@ -451,10 +454,15 @@ def _encoder_call(module: Optional[nn.Module], cascade: Cascade):
 
 
 def _forever(loader: Iterable):
+    """Batches of ``loader``, epoch after epoch, telling the loader and its data set (new crops, flips and
+    shard order) each epoch's number before it starts."""
     epoch = 0
+    dataset = getattr(loader, "dataset", None)
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         empty = True
         for batch in loader:
             empty = False

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=int, default=64, help="images shown in the grid PNG (default 64)")
     parser.add_argument("--out", default=None,
                         help="output folder or fsspec URL (default: eval-shapes beside the checkpoint folder)")
+    parser.add_argument("--stop-at-stage", type=int, default=None,
+                        help="judge the output of this stage (0 = the base stage; default: the last stage)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("imagen-lib eval-shapes: --n and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
-    sample_kwargs: dict[str, Optional[Any]] = {"steps": args.steps, "cond_scale": args.cond_scale, "sampler": args.sampler}
+    sample_kwargs: dict[str, Optional[Any]] = {"steps": args.steps, "cond_scale": args.cond_scale, "sampler": args.sampler,
+                                               "stop_at_stage": args.stop_at_stage}
     report, texts, images = evaluate_cascade(cascade, args.n, args.seed, batch_size=args.batch_size, **sample_kwargs)
     checkpoint = str(args.checkpoint).rstrip("/")
     out = args.out or (checkpoint.rsplit("/", 1)[0] + "/eval-shapes" if "/" in checkpoint else "eval-shapes")

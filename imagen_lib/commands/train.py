@@ -24,13 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _loader(config: dict, k: int, batch_size: int, seed: int):
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, IterableDataset
 
     from imagen_lib.config import build_dataset
 
     dataset, workers = build_dataset(config, config["stages"][k]["image_size"])
     collate = getattr(dataset, "collate_fn", None)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+    shuffle = not isinstance(dataset, IterableDataset)  # shards shuffle themselves (shard order, buffer)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, num_workers=workers,
                       collate_fn=collate, generator=torch.Generator().manual_seed(seed + k))
 
 

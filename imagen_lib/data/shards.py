@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from imagen_lib.data.folder import collate_image_text
 from imagen_lib.data.precache import fit_token_length
 from imagen_lib.data.transforms import ImageTransform
 
@@ -150,11 +151,13 @@ class ShardDataset(IterableDataset):
         rank / world_size: override :func:`process_split` (default: detected).
 
     Items: ``{"images": (3, S, S) in [-1, 1], "texts": str}`` or ``{"images", "text_embeds" (N, D) float32,
-    "text_mask" (N,) bool}``, plus ``"keys"`` (the sample's key). Call :meth:`set_epoch` before each epoch to reshuffle.
+    "text_mask" (N,) bool}``, plus ``"keys"`` (the sample's key). Call :meth:`set_epoch` before each epoch to reshuffle;
+    use ``collate_fn`` with a DataLoader (and no ``shuffle``: the shard order and buffer shuffle).
     The data set splits itself by process: do not let Accelerate shard its DataLoader again.
     """
 
     split_by_process = True
+    collate_fn = staticmethod(collate_image_text)  # pads embeddings of different lengths within a batch
 
     def __init__(
         self,
