@@ -12,7 +12,6 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["imagen_lib", "imagen_lib.*"]),
-    package_data={"imagen_lib": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned by nobody here: install the build you want first

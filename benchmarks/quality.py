@@ -3,8 +3,9 @@ the cascade's images of fixed prompts with the shapes reader.
 
 Both libraries see the same batches (items ``16 k .. 16 k + 15`` of ``ShapesDataset(seed=0)`` at step k, at
 32 px for the base stage and 64 px for the super-resolution stage), the same text embeddings
-(``common.caption_embeddings``), the same optimiser (Adam, the same learning rate, gradient clipping 1.0)
-and no EMA (in minutes of training an EMA of 0.9999 would still be the initial weights). Only the time
+(``common.caption_embeddings``), the same optimiser (Adam, the same learning rate, gradient clipping 1.0),
+the same learning-rate warm-up and the same EMA of the weights (beta 0.995 by default: in minutes of
+training the peer's default 0.9999 would still be the initial weights). Only the time
 spent in training steps counts against the budget; rendering the batches is done before the clock runs.
 On a CPU the clock is the process's CPU time divided by its threads: wall time on an idle machine, and a
 fair budget on a machine shared with other work (see ``train_stage``).
@@ -56,23 +57,43 @@ class Batches:
         return self.cache[k]
 
 
+def warmup_lr(args: argparse.Namespace, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): linear warm-up over --lr-warmup steps, then --lr."""
+    return args.lr * min(1.0, (step + 1) / max(args.lr_warmup, 1))
+
+
 def train_stage(side: Any, stage: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    """Optimiser steps on ``stage`` until its minutes (--minutes base, --sr-minutes SR) of step time have passed."""
+    """Optimiser steps on ``stage`` until its minutes (--minutes base, --sr-minutes SR) of step time have passed.
+
+    Both libraries get the same schedule: linear warm-up to --lr, and an EMA of the weights (ema-pytorch,
+    --ema-beta, updated every step after the warm-up; both libraries' own trainers use ema-pytorch) that
+    replaces the trained weights before judging. The EMA update is inside the timed step."""
+    from ema_pytorch import EMA
+
     batches = Batches(32 if stage == "base" else 64, args.batch, device)
     minutes = args.minutes if stage == "base" else args.sr_minutes
     budget, spent, wall, step, losses = minutes * 60.0, 0.0, 0.0, 0, []
     threads = torch.get_num_threads()
     torch.manual_seed(1)
+    net = side.network(stage)
+    ema = EMA(net, beta=args.ema_beta, update_after_step=args.lr_warmup, update_every=1) if args.ema_beta > 0 else None
+    side.lr = warmup_lr(args, 0)  # the optimiser is created by the first step with this rate
     while spent < budget:
         images, embeds, mask = batches[step]
         start, start_cpu = time.perf_counter(), time.process_time()
+        for group in side.optimizers[stage].param_groups if stage in side.optimizers else ():
+            group["lr"] = warmup_lr(args, step)
         losses.append(side.step(stage, images, embeds, mask))
+        if ema is not None:
+            ema.update()
         common.synchronize(device)
         wall += time.perf_counter() - start
         # On a GPU the clock is wall time. On a CPU shared with other work it is this process's CPU time
         # per thread: the same as wall time on an idle machine, but not lengthened when others take the cores.
         spent = wall if device.type == "cuda" else spent + (time.process_time() - start_cpu) / threads
         step += 1
+    if ema is not None:
+        net.load_state_dict(ema.ema_model.state_dict())
     tail = losses[-20:]
     return {"steps": step, "seconds": spent, "wall_seconds": wall, "images_seen": step * args.batch,
             "final_loss": sum(tail) / len(tail)}
@@ -119,7 +140,8 @@ def run(side: Any, device: torch.device, args: argparse.Namespace) -> dict[str, 
     for i, (sampler, steps) in enumerate(_sampler_list(args.samplers)):
         grid = artifacts / f"quality_{args.lib}_{sampler}{steps}.png" if artifacts and i == 0 else None
         judged.append(judge(side, device, args, sampler, steps, grid))
-    return {"minutes": {"base": args.minutes, "sr": args.sr_minutes}, "batch": args.batch, "lr": args.lr, "eval_n": args.eval_n,
+    return {"minutes": {"base": args.minutes, "sr": args.sr_minutes}, "batch": args.batch, "lr": args.lr,
+            "lr_warmup": args.lr_warmup, "ema_beta": args.ema_beta, "eval_n": args.eval_n,
             "cond_scale": args.cond_scale, "training": training, "judged": judged,
             "params": {s: common.param_count(side.network(s)) for s in ("base", "sr")},
             "peak_rss_mib": common.peak_rss_mib()}

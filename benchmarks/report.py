@@ -98,7 +98,10 @@ def tables(results: dict[str, Any]) -> str:
                          f" | {r['peak_rss_mib']:.0f} |")
     if "quality" in s:
         q = results["quality"]
-        parts.append("\n**Quality per compute**: shapes judge on fixed prompts after the same training minutes\n")
+        first = next(iter(q.values()))
+        parts.append("\n**Quality per compute**: shapes judge on fixed prompts after the same training minutes "
+                     f"(batch {first['batch']}, Adam lr {first['lr']:g} after {first.get('lr_warmup', 0)} warm-up "
+                     f"steps, EMA beta {first.get('ema_beta', 0):g}, {first['eval_n']} prompts)\n")
         parts.append("| library | minutes base / sr | steps base / sr | sampler:steps | fully correct | colour | shape | "
                      "size | position | background |")
         parts.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")

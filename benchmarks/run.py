@@ -66,6 +66,7 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for lib in LIBS:
         out[lib] = worker(args, lib, "quality", *minutes, "--eval-n", eval_n, "--lr", str(args.lr),
+                          "--lr-warmup", str(args.lr_warmup), "--ema-beta", str(args.ema_beta),
                           "--samplers", samplers[lib], "--artifacts", str(HERE / "artifacts"))
     return out
 
@@ -128,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=4.0, help="quality: training minutes, base stage")
     parser.add_argument("--sr-minutes", type=float, default=2.0, help="quality: training minutes, SR stage")
     parser.add_argument("--eval-n", type=int, default=48, help="quality: prompts judged")
-    parser.add_argument("--lr", type=float, default=5e-4, help="quality: Adam learning rate (both libraries)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="quality: Adam learning rate (both libraries)")
+    parser.add_argument("--lr-warmup", type=int, default=100, help="quality: linear warm-up steps (both libraries)")
+    parser.add_argument("--ema-beta", type=float, default=0.995, help="quality: EMA of the weights (0: none)")
     parser.add_argument("--ours-quality-samplers", default="heun:64,heun:32,dpmpp_2m:8,dpmpp_2m:12,dpmpp_2m:16")
     parser.add_argument("--dpm-steps", type=int, default=0, help="sample: our DPM++ steps (0: from quality)")
     parser.add_argument("--sample-batch", type=int, default=8)

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=3.0, help="quality: training minutes of the base stage")
     parser.add_argument("--sr-minutes", type=float, default=2.0, help="quality: training minutes of the SR stage")
     parser.add_argument("--eval-n", type=int, default=32, help="quality: prompts judged")
+    parser.add_argument("--lr-warmup", type=int, default=100, help="quality: steps of linear learning-rate warm-up")
+    parser.add_argument("--ema-beta", type=float, default=0.995, help="quality: EMA of the weights (0: none)")
     parser.add_argument("--artifacts", default="", help="quality/profile: folder for sample grids and traces")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")

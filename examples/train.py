@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from imagen_lib import checkpoint as ckpt
 from imagen_lib import config as cfg
@@ -127,8 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dataset, workers = make_dataset(config, args.data, cascade.stages[k].image_size)
         # Accelerate shards these batches over the processes, so each one sees different images; the order is
         # seeded by the step we start at, so a resumed run does not replay the order it already saw
-        loader = DataLoader(dataset, batch_size=plan["batch_size"], shuffle=True, drop_last=True, num_workers=workers,
-                            collate_fn=dataset.collate_fn,
+        shuffle = not isinstance(dataset, IterableDataset)  # shards shuffle themselves (shard order, buffer)
+        loader = DataLoader(dataset, batch_size=plan["batch_size"], shuffle=shuffle, drop_last=True,
+                            num_workers=workers, collate_fn=dataset.collate_fn,
                             generator=torch.Generator().manual_seed(seed + 1000 * k + trainer.steps[k]))
         result = trainer.fit(
             loader, k, remaining, log_every=args.log_every, sample_every=args.sample_every or None,

@@ -11,6 +11,7 @@ The vocabulary follows NeMo's Imagen configs where they have a word for it (``un
       name_or_path: google/t5-v1_1-base    # a hub name or local folder, or instead:
       build_tiny: {d_model: 64}            # a small random T5 built locally (T5Config fields) ...
       seed: 0                              # ... from this seed
+      vocabulary: shapes                   # ... with a word-level tokenizer (shapes' words, or a list; default bytes)
       max_length: 32                       # tokens per caption (NeMo: token_length)
       trainable: false                     # train it jointly with the cascade
     stages:                          # lowest resolution first
@@ -54,7 +55,8 @@ import yaml
 
 TOP_KEYS = {"seed", "cond_drop_prob", "text_embed_dim", "text_encoder", "stages", "data", "trainer", "sample"}
 STAGE_KEYS = {"image_size", "unet", "preconditioning_type", "preconditioning", "sampler", "noise_aug", "train"}
-TEXT_KEYS = {"name_or_path", "encoder_path", "build_tiny", "seed", "max_length", "token_length", "trainable", "dtype"}
+TEXT_KEYS = {"name_or_path", "encoder_path", "build_tiny", "vocabulary", "seed", "max_length", "token_length",
+             "trainable", "dtype"}
 TRAIN_KEYS = {"steps", "batch_size"}
 SAMPLE_KEYS = {"prompts", "seed", "num_images_per_prompt"}
 # data.type -> the keys its block may hold besides ``type`` and ``num_workers``
@@ -178,7 +180,21 @@ def build_text_encoder(block: Optional[dict]):
     if name is not None:
         return T5TextEncoder(name, max_length=max_length, dtype=block.get("dtype"), trainable=trainable)
     return T5TextEncoder.build_tiny(seed=int(block.get("seed", 0)), max_length=max_length, trainable=trainable,
-                                    **(block["build_tiny"] or {}))
+                                    vocabulary=_vocabulary(block.get("vocabulary")), **(block["build_tiny"] or {}))
+
+
+def _vocabulary(value: Any) -> Optional[list[str]]:
+    """``text_encoder.vocabulary`` of a ``build_tiny`` encoder: None (bytes), ``shapes`` (the built-in caption
+    grammar's words) or a list of words."""
+    if value is None:
+        return None
+    if value == "shapes":
+        from imagen_lib.data.shapes import vocabulary
+
+        return vocabulary()
+    if isinstance(value, list) and value and all(isinstance(w, str) for w in value):
+        return value
+    raise ValueError(f"text_encoder.vocabulary: expected 'shapes' or a list of words, got {value!r}")
 
 
 def build_network(unet: Any, *, text_embed_dim: Optional[int], lowres_cond: bool):

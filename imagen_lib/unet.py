@@ -93,9 +93,10 @@ class UnetBase(nn.Module):
         factor = 2 ** (len(self.config["channel_mult"]) - 1)
         if h.shape[-1] % factor or h.shape[-2] % factor:
             raise ValueError(f"x: height and width must be divisible by {factor}, got {tuple(x.shape)}")
-        h = self.init_conv(h)  # (B, C0, H, W)
+        # a bf16/fp16 net without autocast takes float32 images: compute in the weights' dtype, answer in x's
+        h = self.init_conv(h.to(self.init_conv.weight.dtype))  # (B, C0, H, W)
         h = self._body(h, cond_act, ctx)  # (B, C0, H, W)
-        return self.out(h)  # (B, out_channels, H, W)
+        return self.out(h).to(x.dtype)  # (B, out_channels, H, W)
 
 
 class Unet(UnetBase):

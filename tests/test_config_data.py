@@ -4,9 +4,11 @@ and the Trainer's handling of data sets that split themselves across processes."
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from imagen_lib.cli import main
@@ -167,6 +169,13 @@ def test_precache_shards_then_train_without_loading_the_encoder_and_sample_with_
     encoder = T5TextEncoder(encoder_dir, max_length=48)
     images = cascade.sample(["a red circle"], text_encoder=encoder, seed=0, disable_progress=True)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    # the command line does the same with --encoder, and says what is missing without it
+    checkpoint, out = str(tmp_path / "run" / "checkpoint"), tmp_path / "cli"
+    with pytest.raises(SystemExit, match="--encoder"):
+        main(["sample", checkpoint, "--prompt", "a red circle", "--out", str(out)])
+    assert main(["sample", checkpoint, "--prompt", "a red circle", "--out", str(out), "--encoder", str(encoder_dir),
+                 "--max-length", "48"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "0000.png")), np.asarray(to_pil(images[0])))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -171,6 +171,17 @@ def test_stable_attention_in_bfloat16_is_finite_and_close():
 
 
 @pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+def test_half_precision_weights_take_float32_inputs_without_autocast(cls):
+    # e.g. a checkpoint loaded with dtype=bfloat16 and sampled by a diffusion process that works in float32
+    net = small_net(cls, "stacked", lowres=True)
+    x, c, kw = inputs(net)
+    ref = net(x, c, **kw)
+    out = net.to(torch.bfloat16)(x, c, **kw)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
 def test_gradient_checkpointing_gives_the_same_output_and_gradients(cls):
     plain = small_net(cls, "stacked", lowres=True)
     ckpt = small_net(cls, "stacked", lowres=True, gradient_checkpointing=True)

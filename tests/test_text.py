@@ -81,3 +81,44 @@ def test_module_import_does_not_import_transformers():
     code = "import sys, imagen_lib.text; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# word-level vocabulary (the shapes quickstart's encoder)
+
+
+def test_word_vocabulary_gives_one_token_per_word_and_round_trips(tmp_path):
+    words = ["a", "red", "blue", "circle", ","]
+    enc = T5TextEncoder.build_tiny(tmp_path / "words", seed=1, max_length=8, vocabulary=words, **T5_KWARGS)
+    ids, mask = enc.tokenize(["A red circle, a zebra"])
+    tokens = enc.tokenizer.convert_ids_to_tokens(ids[0][mask[0]].tolist())
+    assert tokens == ["a", "red", "circle", ",", "a", "<unk>", "</s>"]  # lower-cased; unknown words are <unk>
+    assert enc.model.config.vocab_size == len(words) + 3 and ids[0, ~mask[0]].eq(enc.tokenizer.pad_token_id).all()
+    # the same encoder again: from its config (checkpoints), and from the folder it was saved to
+    for again in (text_encoder_from_config(enc.config), T5TextEncoder(tmp_path / "words", max_length=8)):
+        assert torch.equal(again.encode(["a blue circle"])[0], enc.encode(["a blue circle"])[0])
+    assert enc.config["source"]["vocabulary"] == words
+    # different words differ, as they must for a U-Net to read them
+    e, m = enc.encode(["a red circle", "a blue circle"])
+    assert not torch.allclose(e[0, 1], e[1, 1])
+
+
+def test_shapes_vocabulary_covers_every_caption_word():
+    from imagen_lib.data.shapes import sample_captions, vocabulary
+
+    enc = T5TextEncoder.build_tiny(seed=0, max_length=24, vocabulary=vocabulary(), **T5_KWARGS)
+    captions, _ = sample_captions(2000, seed=5)
+    ids, mask = enc.tokenize(captions)
+    assert not ids[mask].eq(enc.tokenizer.unk_token_id).any()
+    assert mask.sum(1).max() < 24  # nothing truncated at the quickstart's max_length
+
+
+def test_bad_vocabulary_names_the_argument():
+    from imagen_lib.config import build_text_encoder
+
+    with pytest.raises(ValueError, match="vocabulary"):
+        T5TextEncoder.build_tiny(vocabulary="red blue", **T5_KWARGS)
+    with pytest.raises(ValueError, match="text_encoder.vocabulary"):
+        build_text_encoder({"build_tiny": dict(T5_KWARGS), "vocabulary": "birds"})
+    enc = build_text_encoder({"build_tiny": dict(T5_KWARGS), "vocabulary": "shapes", "max_length": 24})
+    assert "triangle" in enc.config["source"]["vocabulary"]

@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
+    parser.add_argument("--encoder", default=None, metavar="NAME_OR_FOLDER",
+                        help="T5 encoder for the prompts when the checkpoint holds none (trained on precomputed "
+                             "embeddings): the same model the embeddings came from, a hub name or a local folder")
+    parser.add_argument("--max-length", type=int, default=128, help="token limit for --encoder (default 128)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
@@ -36,6 +40,25 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def attach_encoder(cascade, args: argparse.Namespace, device) -> None:
+    """Give a checkpoint trained on precomputed embeddings the encoder named by ``--encoder``."""
+    if args.encoder is None:
+        if cascade.text_encoder is None and cascade.stages[0].net.text_embed_dim is not None:
+            raise SystemExit("imagen-lib sample: this checkpoint holds no text encoder (it was trained on "
+                             "precomputed embeddings); pass --encoder with the T5 name or folder they came from")
+        return
+    if cascade.text_encoder is not None:
+        raise SystemExit("imagen-lib sample: --encoder given, but the checkpoint already holds its text encoder")
+    from imagen_lib.text import T5TextEncoder
+
+    encoder = T5TextEncoder(args.encoder, max_length=args.max_length, device=device)
+    want = cascade.stages[0].net.text_embed_dim
+    if encoder.embed_dim != want:
+        raise SystemExit(f"imagen-lib sample: --encoder {args.encoder} gives {encoder.embed_dim}-wide embeddings, "
+                         f"the checkpoint's networks expect {want}")
+    cascade.text_encoder = encoder.eval()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -48,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("imagen-lib sample: --num-images-per-prompt and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
+    attach_encoder(cascade, args, device)
     per_call = max(1, args.batch_size // n)  # prompts per call; image index (and its seed) is global
     images = []
     for p0 in range(0, len(prompts), per_call):

@@ -83,6 +83,15 @@ BACKGROUND_SENTENCE = ("on a {} background", "against a {} background")
 BACKGROUND_LIST = ("{} background", "on a {} background")
 
 
+def vocabulary() -> list[str]:
+    """Every word (and the comma) that :func:`make_caption` can write, sorted: the vocabulary of a word-level
+    tokenizer for the shapes data (``T5TextEncoder.build_tiny(vocabulary=...)``)."""
+    phrases = [*COLORS, *SHAPES, *BACKGROUNDS, *(w for words in SIZE_WORDS.values() for w in words),
+               *(p for options in POSITION_PHRASES.values() for p in options),
+               *(t.format("") for t in BACKGROUND_SENTENCE + BACKGROUND_LIST), "a an ,"]
+    return sorted({word for phrase in phrases for word in phrase.split()})
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
