@@ -75,6 +75,9 @@ def tables(results: dict[str, Any]) -> str:
     parts.append(f"Machine: {m['cpu']}, {m['cores']} cores visible; device `{results['device']}`; "
                  f"{results['reps']} repetitions, median; started {results['started']}"
                  + (" (QUICK SMOKE RUN: numbers are not measurements)" if results.get("quick") else "") + ".")
+    if results.get("measured"):
+        when = "; ".join(f"{section} {started}" for section, started in results["measured"].items())
+        parts.append(f"\nSections carried over from earlier runs of the same harness; each was measured at: {when}.")
     if "train" in s:
         parts.append("\n**Training throughput** (forward + backward + optimiser step, batch 16, fp32)\n")
         parts.append("| stage | library | params (M) | images/s | GFLOP/image | achieved / matmul peak | peak RSS (MiB) |")

@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", action="store_true", help="GPU: channels-last memory format")
     parser.add_argument("--compile", action="store_true", help="GPU: torch.compile the networks")
     parser.add_argument("--readme", default="", help="write the tables into this README (default: none)")
+    parser.add_argument("--keep-other-sections", action="store_true",
+                        help="carry the sections not run now over from the existing --out file (each table "
+                             "then says when it was measured)")
     args = parser.parse_args(argv)
     if args.quick:
         args.reps = 1
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         print("profile of our training step", flush=True)
         results["profile"] = section_profile(args)
     results["wall_seconds"] = time.perf_counter() - start
+    if args.keep_other_sections and Path(args.out).exists():
+        carry_over(json.loads(Path(args.out).read_text()), results, sections)
     results["summary"] = report.summarise(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -172,6 +177,21 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.readme:
         report.write_readme(Path(args.readme), text)
+
+
+def carry_over(previous: dict[str, Any], results: dict[str, Any], sections: list[str]) -> None:
+    """Copy the sections that were not run now from an earlier run's results, noting when they were measured."""
+    measured = dict(previous.get("measured", {}))
+    for section in ("train", "quality", "sample", "profile"):
+        if section in sections:
+            measured[section] = results["started"]
+        elif section in previous:
+            results[section] = previous[section]
+            measured[section] = previous.get("measured", {}).get(section, previous["started"])
+            if section == "sample":
+                results["dpm_steps"] = previous.get("dpm_steps")
+                results["dpm_steps_reason"] = previous.get("dpm_steps_reason")
+    results["measured"] = measured
 
 
 if __name__ == "__main__":

@@ -65,12 +65,15 @@ def make_accelerator(settings, out: Path, log_with: Optional[str]):
 
 def make_dataset(config: dict, data: Optional[str], image_size: int):
     """The training images at ``image_size`` (a stage's size; the cascade makes the low-resolution input
-    itself) and the number of loader workers: the built-in shapes, or an image folder."""
-    if data is None or data == "shapes":
-        return cfg.build_dataset(config, image_size)
-    from imagen_lib.data.folder import ImageTextFolder
-
-    return ImageTextFolder(data, image_size), 0
+    itself) and the number of loader workers: the config's data block, or ``--data`` in its place (the
+    built-in shapes, or an image folder read with the config's folder options when its block has them)."""
+    if data is not None:
+        block = dict(config.get("data") or {})
+        block = {"type": "shapes"} if data == "shapes" else {**block, "type": "folder", "root": data}
+        if block["type"] == "folder":  # keep only the options a folder block understands
+            block = {k: v for k, v in block.items() if k in {"type", "num_workers", *cfg.DATA_KEYS["folder"]}}
+        config = {**config, "data": block}
+    return cfg.build_dataset(config, image_size)
 
 
 def sample_prompts(config: dict, dataset) -> list[str]:

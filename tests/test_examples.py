@@ -181,3 +181,22 @@ def test_notebook_runs_at_tiny_settings(tmp_path, monkeypatch):
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(shown) == 6  # data preview, samples, guidance, thresholding, samplers, inpainting
     assert (tmp_path / "runs" / "quickstart" / "checkpoint" / "config.json").is_file()
+
+
+def test_train_script_data_option_reads_a_folder_with_the_configs_folder_options(tmp_path):
+    from PIL import Image
+
+    from imagen_lib.data.folder import ImageTextFolder
+    from imagen_lib.data.shapes import ShapesDataset
+
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (20, 20), colour).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"a {colour} square")
+    train = load_example("train")
+    config = {"text_encoder": {"build_tiny": {}}, "data": {"type": "shapes", "seed": 3, "length": 10}}
+    dataset, workers = train.make_dataset(config, str(tmp_path), 16)
+    assert isinstance(dataset, ImageTextFolder) and len(dataset) == 2 and workers == 0
+    config["data"] = {"type": "folder", "root": "elsewhere", "seed": 7, "num_workers": 1}
+    dataset, workers = train.make_dataset(config, str(tmp_path), 16)
+    assert len(dataset) == 2 and workers == 1 and dataset.seed == 7
+    assert isinstance(train.make_dataset(config, "shapes", 16)[0], ShapesDataset)
