@@ -115,6 +115,20 @@ def time_loop(step: Callable[[], Any], device: torch.device, warmup: int, iters:
     return times
 
 
+def adam_step(net: torch.nn.Module, optimizers: dict, key: str, lr: float, loss_fn: Callable[[], torch.Tensor]) -> float:
+    """One optimiser step as both libraries' trainers take it: Adam (betas 0.9, 0.99; created on first use
+    under ``optimizers[key]``), gradient clipping at 1.0. Returns the loss."""
+    if key not in optimizers:
+        optimizers[key] = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8)
+    optimizer = optimizers[key]
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

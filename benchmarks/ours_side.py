@@ -89,16 +89,8 @@ class OursSide:
         return self.cascade(images, text_embeds=text_embeds, text_mask=text_mask, stage=STAGES.index(stage))
 
     def step(self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> float:
-        net = self.network(stage)
-        if stage not in self.optimizers:
-            self.optimizers[stage] = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.9, 0.99), eps=1e-8)
-        optimizer = self.optimizers[stage]
-        optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(stage, images, text_embeds, text_mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        return float(loss.detach())
+        return common.adam_step(self.network(stage), self.optimizers, stage, self.lr,
+                                lambda: self.loss(stage, images, text_embeds, text_mask))
 
     @torch.no_grad()
     def sample(

@@ -184,10 +184,11 @@ def carry_over(previous: dict[str, Any], results: dict[str, Any], sections: list
     measured = dict(previous.get("measured", {}))
     for section in ("train", "quality", "sample", "profile"):
         if section in sections:
-            measured[section] = results["started"]
+            measured[section] = f"{results['started']} on {results['machine']['cpu']}"
         elif section in previous:
             results[section] = previous[section]
-            measured[section] = previous.get("measured", {}).get(section, previous["started"])
+            measured[section] = previous.get("measured", {}).get(
+                section, f"{previous['started']} on {previous['machine']['cpu']}")
             if section == "sample":
                 results["dpm_steps"] = previous.get("dpm_steps")
                 results["dpm_steps_reason"] = previous.get("dpm_steps_reason")
