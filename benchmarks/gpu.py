@@ -338,13 +338,17 @@ def fmt(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
 
 
+def failure(row: dict[str, Any]) -> str:
+    """Why a case has no numbers, for its table row."""
+    return "out of memory" if row.get("oom") else row.get("error", "failed")[:80]
+
+
 def train_table(rows: list[dict[str, Any]], peak: float) -> str:
     lines = ["| variant | batch | images/s | step (ms) | TFLOP/image | TFLOP/s | MFU (measured peak) | "
              "peak allocated (GiB) | first step (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "images_per_s" not in r:
-            why = "out of memory" if r.get("oom") else r.get("error", "failed")[:80]
-            lines.append(f"| {r['variant']} | {r['batch']} | {why} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['batch']} | {failure(r)} | | | | | | |")
             continue
         lines.append(
             f"| {r['variant']} | {r['batch']} | {fmt(r['images_per_s'])} | {fmt(1e3 * r['median_step_s'])} | "
@@ -361,8 +365,7 @@ def sample_table(rows: list[dict[str, Any]]) -> str:
         size = r["sizes"][r["stages"] - 1]
         nemo = NEMO_FP16_GB.get(size, (None, None))[0 if r["batch"] == 1 else 1] if r["batch"] in (1, 8) else None
         if "seconds_per_set" not in r:
-            why = "out of memory" if r.get("oom") else r.get("error", "failed")[:80]
-            lines.append(f"| {r['mode']} | {size} | {r['batch']} | {why} | | | {fmt(nemo)} | | |")
+            lines.append(f"| {r['mode']} | {size} | {r['batch']} | {failure(r)} | | | {fmt(nemo)} | | |")
             continue
         lines.append(
             f"| {r['mode']} | {size} | {r['batch']} | {fmt(r.get('max_allocated_gib'))} | "
