@@ -43,7 +43,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def attach_encoder(cascade, args: argparse.Namespace, device) -> None:
     """Give a checkpoint trained on precomputed embeddings the encoder named by ``--encoder``."""
     if args.encoder is None:
-        if cascade.text_encoder is None and cascade.stages[0].net.text_embed_dim is not None:
+        if cascade.text_encoder is None and cascade.text_embed_dim is not None:
             raise SystemExit("imagen-lib sample: this checkpoint holds no text encoder (it was trained on "
                              "precomputed embeddings); pass --encoder with the T5 name or folder they came from")
         return
@@ -52,10 +52,9 @@ def attach_encoder(cascade, args: argparse.Namespace, device) -> None:
     from imagen_lib.text import T5TextEncoder
 
     encoder = T5TextEncoder(args.encoder, max_length=args.max_length, device=device)
-    want = cascade.stages[0].net.text_embed_dim
-    if encoder.embed_dim != want:
+    if encoder.embed_dim != cascade.text_embed_dim:
         raise SystemExit(f"imagen-lib sample: --encoder {args.encoder} gives {encoder.embed_dim}-wide embeddings, "
-                         f"the checkpoint's networks expect {want}")
+                         f"the checkpoint's networks expect {cascade.text_embed_dim}")
     cascade.text_encoder = encoder.eval()
 
 
