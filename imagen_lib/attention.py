@@ -7,7 +7,10 @@
   (Imagen's base and 256 px models).
 
 Every block works on ``(B, C, H, W)`` feature maps, is pre-normalised and residual, and has a zero-initialised
-output projection so that it starts as the identity. Boolean masks (True = attend) are handed to SDPA, so
+output projection so that it starts as the identity. Optionally (``pos_emb``) the image tokens carry fixed
+2-D sinusoidal features of where they sit in the image (:func:`position_features`): convolutions and
+attention are both blind to absolute position (a U-Net learns it only from zero padding), and without them
+a small text-to-image net learns "in the top left corner" far later than "red" or "large". Boolean masks (True = attend) are handed to SDPA, so
 padded text tokens get exactly zero weight; SDPA picks flash / memory-efficient kernels where available.
 """
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Optional
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +79,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Optional[Tensor
     return out.transpose(1, 2).reshape(b, lq, c).to(dtype)  # (B, Lq, C)
 
 
+def position_features(height: int, width: int, channels: int, device=None, dtype=None) -> Tensor:
+    """Fixed 2-D sinusoidal features of each pixel's centre, in fractions of the image side.
+
+    With ``u = (i + 1/2) / height`` (rows) and ``v = (j + 1/2) / width`` (columns) and ``n = channels // 4``
+    frequencies ``pi * k`` for ``k = 1 .. n``, the features of pixel ``(i, j)`` are
+    ``[sin(pi k u), cos(pi k u)]_k`` then ``[sin(pi k v), cos(pi k v)]_k``, zero-padded to ``channels``.
+    Positions are fractions of the side, so a feature means the same place ("top left") at every feature-map
+    resolution. Returns (height * width, channels), rows in raster order (as :func:`_tokens`).
+    """
+    if channels < 4:
+        raise ValueError(f"channels: position features need at least 4 channels, got {channels}")
+    n = channels // 4
+    freqs = math.pi * torch.arange(1, n + 1, device=device, dtype=torch.float32)  # (n,)
+    u = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height  # (H,)
+    v = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width  # (W,)
+    fu, fv = u[:, None] * freqs, v[:, None] * freqs  # (H, n), (W, n)
+    rows = torch.cat([fu.sin(), fu.cos()], dim=-1)[:, None, :].expand(height, width, 2 * n)
+    cols = torch.cat([fv.sin(), fv.cos()], dim=-1)[None, :, :].expand(height, width, 2 * n)
+    features = torch.cat([rows, cols], dim=-1).reshape(height * width, 4 * n)
+    return F.pad(features, (0, channels - 4 * n)).to(dtype or torch.float32)  # (HW, C)
+
+
 def _tokens(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
 
@@ -91,16 +118,17 @@ class ImageAttention(nn.Module):
         heads: number of heads (divides C).
         context_dim: width of the text tokens (required for ``cross``/``fused``).
         float32: compute attention in float32 (NeMo's ``stable_attention``).
+        pos_emb: add :func:`position_features` to the normalised image tokens (queries and image keys/values).
     """
 
     def __init__(self, kind: Literal["self", "cross", "fused"], channels: int, heads: int,
-                 context_dim: Optional[int] = None, float32: bool = False):
+                 context_dim: Optional[int] = None, float32: bool = False, pos_emb: bool = False):
         super().__init__()
         if kind not in ("self", "cross", "fused"):
             raise ValueError(f"kind: expected 'self', 'cross' or 'fused', got {kind!r}")
         if kind != "self" and context_dim is None:
             raise ValueError(f"context_dim: required for {kind!r} attention")
-        self.kind, self.heads, self.float32 = kind, heads, float32
+        self.kind, self.heads, self.float32, self.pos_emb = kind, heads, float32, pos_emb
         self.norm = group_norm(channels)
         self.to_q = nn.Linear(channels, channels)
         self.to_kv = nn.Linear(channels, 2 * channels) if kind != "cross" else None
@@ -110,6 +138,8 @@ class ImageAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[TextContext] = None) -> Tensor:
         t = _tokens(self.norm(x))  # (B, HW, C)
+        if self.pos_emb:
+            t = t + position_features(x.shape[-2], x.shape[-1], x.shape[1], x.device, t.dtype)
         q = self.to_q(t)  # (B, HW, C)
         mask, keep = None, None
         if self.kind == "self":
@@ -151,7 +181,7 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, kind: AttentionType, channels: int, heads: int, context_dim: Optional[int] = None,
-                 float32: bool = False):
+                 float32: bool = False, pos_emb: bool = False):
         super().__init__()
         if kind not in ATTENTION_TYPES:
             raise ValueError(f"attention_type: expected one of {ATTENTION_TYPES}, got {kind!r}")
@@ -159,12 +189,12 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"heads: {heads} must divide the {channels} channels of an attention block")
         text = context_dim is not None
         if kind == "stacked":
-            layers = [ImageAttention("self", channels, heads, float32=float32)]
+            layers = [ImageAttention("self", channels, heads, float32=float32, pos_emb=pos_emb)]
             if text:
-                layers.append(ImageAttention("cross", channels, heads, context_dim, float32))
+                layers.append(ImageAttention("cross", channels, heads, context_dim, float32, pos_emb))
             layers.append(FeedForward(channels))
         else:
-            layers = [ImageAttention(kind if text else "self", channels, heads, context_dim, float32)]
+            layers = [ImageAttention(kind if text else "self", channels, heads, context_dim, float32, pos_emb)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor, context: Optional[TextContext] = None) -> Tensor:

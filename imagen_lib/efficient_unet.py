@@ -64,7 +64,7 @@ class EfficientUnet(UnetBase):
         text_embed_dim (1024), cond_on_text (True), feature_pooling_type ("attention"),
         learned_sinu_pos_emb_dim (0), dropout (0.0), use_null_token (True), init_conv_kernel_size (3),
         gradient_checkpointing (False), scale_shift_norm (True), resample_with_conv (True),
-        stable_attention (False): as for :class:`~imagen_lib.unet.Unet`.
+        stable_attention (False), attention_pos_emb (False): as for :class:`~imagen_lib.unet.Unet`.
         skip_connection_scaling: scale skip sums by 1/sqrt(2) (True, the paper).
         lowres_cond: super-resolution mode (True: this is what the Efficient U-Net is for).
     """
@@ -80,7 +80,7 @@ class EfficientUnet(UnetBase):
         dropout: float = 0.0, use_null_token: bool = True, init_conv_kernel_size: int = 3,
         gradient_checkpointing: bool = False, scale_shift_norm: bool = True, resample_with_conv: bool = True,
         skip_connection_scaling: bool = True, lowres_cond: bool = True, stable_attention: bool = False,
-        dim: Optional[int] = None,
+        attention_pos_emb: bool = False, dim: Optional[int] = None,
     ):
         super().__init__()
         embed_dim = int(dim if dim is not None else embed_dim)
@@ -101,7 +101,7 @@ class EfficientUnet(UnetBase):
             init_conv_kernel_size=int(init_conv_kernel_size), gradient_checkpointing=bool(gradient_checkpointing),
             scale_shift_norm=bool(scale_shift_norm), resample_with_conv=bool(resample_with_conv),
             skip_connection_scaling=bool(skip_connection_scaling), lowres_cond=bool(lowres_cond),
-            stable_attention=bool(stable_attention),
+            stable_attention=bool(stable_attention), attention_pos_emb=bool(attention_pos_emb),
         )
         self._setup(config, embed_dim=embed_dim, channel_mult=channel_mult, channels=channels,
                     out_channels=out_channels, cond_dim=cond_dim, text_embed_dim=text_embed_dim,
@@ -110,7 +110,7 @@ class EfficientUnet(UnetBase):
                     lowres_cond=lowres_cond, init_conv_kernel_size=init_conv_kernel_size,
                     attention_type=attention_type, num_attn_heads=num_attn_heads,
                     per_head_channels=per_head_channels, stable_attention=stable_attention,
-                    gradient_checkpointing=gradient_checkpointing)
+                    gradient_checkpointing=gradient_checkpointing, attention_pos_emb=bool(attention_pos_emb))
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         self.skip_scale = 2**-0.5 if skip_connection_scaling else 1.0

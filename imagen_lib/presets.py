@@ -62,7 +62,14 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "tiny-e32": (EfficientUnet, dict(
         embed_dim=32, image_size=32, channel_mult=[1, 2, 4, 8], num_res_blocks=[1, 1, 1, 2], attention_type="fused",
         attention_levels=[False, False, True, True], num_attn_heads=4, per_head_channels=32, cond_dim=128,
-        text_embed_dim=64)),
+        text_embed_dim=64, lowres_cond=False)),
+    # 16 px text-to-image base for CPU work, the shapes quickstart's: levels at 16, 8, 4 px with 32 .. 128
+    # channels, fused attention at 8 and 4 px that sees where each token sits (attention_pos_emb: without it
+    # the base drew shapes at random places whatever the caption said). A step costs a quarter of tiny-e32's.
+    "tiny-e16": (EfficientUnet, dict(
+        embed_dim=32, image_size=16, channel_mult=[1, 2, 4], num_res_blocks=[1, 1, 2], attention_type="fused",
+        attention_levels=[False, True, True], num_attn_heads=4, per_head_channels=32, cond_dim=128,
+        text_embed_dim=64, attention_pos_emb=True, lowres_cond=False)),
     # 32 -> 64 px super-resolution for CPU work: levels at 64, 32, 16, 8 px with 16 .. 128 channels (few
     # channels where pixels are many: ~40% faster per step than 32 .. 128 at similar size), cross-attention
     # at 16 and 8 px.

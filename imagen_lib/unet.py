@@ -32,7 +32,7 @@ class UnetBase(nn.Module):
                cond_on_text: bool, use_null_token: bool, feature_pooling_type: PoolingType,
                learned_sinu_pos_emb_dim: int, lowres_cond: bool, init_conv_kernel_size: int,
                attention_type: Optional[AttentionType], num_attn_heads: int, per_head_channels: Optional[int],
-               stable_attention: bool, gradient_checkpointing: bool) -> None:
+               stable_attention: bool, gradient_checkpointing: bool, attention_pos_emb: bool = False) -> None:
         for name, value in (("embed_dim", embed_dim), ("channels", channels)):
             if int(value) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value}")
@@ -51,6 +51,7 @@ class UnetBase(nn.Module):
         self.attention_type = attention_type
         self._heads = (num_attn_heads, per_head_channels)
         self._stable_attention = stable_attention
+        self._attention_pos_emb = attention_pos_emb
         self.cond = Conditioning(channels, self.cond_dim, noise_frequencies=max(embed_dim // 2, 16),
                                  learned_sinu_pos_emb_dim=learned_sinu_pos_emb_dim,
                                  text_embed_dim=self.text_embed_dim, use_null_token=use_null_token,
@@ -67,7 +68,7 @@ class UnetBase(nn.Module):
             return None
         heads = heads_for(channels, *self._heads)
         return AttentionBlock(self.attention_type, channels, heads, self.text_embed_dim and self.cond_dim,
-                              self._stable_attention)
+                              self._stable_attention, self._attention_pos_emb)
 
     def _run(self, step: nn.Module, h: Tensor, cond_act: Tensor, ctx) -> Tensor:
         return run_checkpointed(step, self.gradient_checkpointing and self.training, h, cond_act, ctx)
@@ -126,6 +127,9 @@ class Unet(UnetBase):
         scale_shift_norm: FiLM-style conditioning (True); resblock_updown: resample inside res blocks (False);
         resample_with_conv: strided/following 3x3 convs for resampling (True).
         lowres_cond: super-resolution mode (False); stable_attention: attention in float32 (False).
+        attention_pos_emb: attention layers see where each image token sits (fixed 2-D sinusoids, in
+            fractions of the image side; False, as Imagen). It lets a small net tie "top left" in a caption to
+            a place: the shapes quickstart's base read positions at chance without it (README).
     """
 
     def __init__(
@@ -139,7 +143,7 @@ class Unet(UnetBase):
         dropout: float = 0.0, use_null_token: bool = True, init_conv_kernel_size: int = 3,
         gradient_checkpointing: bool = False, scale_shift_norm: bool = True, resblock_updown: bool = False,
         resample_with_conv: bool = True, lowres_cond: bool = False, stable_attention: bool = False,
-        dim: Optional[int] = None,
+        attention_pos_emb: bool = False, dim: Optional[int] = None,
     ):
         super().__init__()
         embed_dim = int(dim if dim is not None else embed_dim)
@@ -159,6 +163,7 @@ class Unet(UnetBase):
             gradient_checkpointing=bool(gradient_checkpointing), scale_shift_norm=bool(scale_shift_norm),
             resblock_updown=bool(resblock_updown), resample_with_conv=bool(resample_with_conv),
             lowres_cond=bool(lowres_cond), stable_attention=bool(stable_attention),
+            attention_pos_emb=bool(attention_pos_emb),
         )
         self._setup(config, embed_dim=embed_dim, channel_mult=channel_mult, channels=channels,
                     out_channels=out_channels, cond_dim=cond_dim, text_embed_dim=text_embed_dim,
@@ -167,7 +172,7 @@ class Unet(UnetBase):
                     lowres_cond=lowres_cond, init_conv_kernel_size=init_conv_kernel_size,
                     attention_type=attention_type, num_attn_heads=num_attn_heads,
                     per_head_channels=per_head_channels, stable_attention=stable_attention,
-                    gradient_checkpointing=gradient_checkpointing)
+                    gradient_checkpointing=gradient_checkpointing, attention_pos_emb=bool(attention_pos_emb))
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         chans = [embed_dim * int(m) for m in channel_mult]

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from imagen_lib.attention import ImageAttention, make_text_context
+from imagen_lib.attention import ImageAttention, make_text_context, position_features
 from imagen_lib.efficient_unet import EfficientUnet
 from imagen_lib.layers import NoiseEmbedding
 from imagen_lib.networks import NETWORKS, network_from_config
@@ -102,6 +102,7 @@ def test_padded_tokens_never_change_the_output(cls, attention_type, use_null_tok
     (Unet, dict(attention_type="fused", resblock_updown=True, scale_shift_norm=False, feature_pooling_type="mean")),
     (EfficientUnet, dict(attention_type="stacked", lowres=True)),
     (EfficientUnet, dict(attention_type="fused", learned_sinu_pos_emb_dim=8, resample_with_conv=False)),
+    (EfficientUnet, dict(attention_type="fused", attention_pos_emb=True)),
 ])
 def test_every_parameter_receives_a_gradient(cls, options):
     net = small_net(cls, **options)
@@ -122,6 +123,44 @@ def test_zero_init_output_and_gradients_at_default_init(cls):
     assert all(p.grad is not None for p in net.parameters())
 
 
+def reference_position_features(height, width, channels):
+    """Position features written out pixel by pixel in float64 (the formula of the docstring)."""
+    n = channels // 4
+    out = torch.zeros(height * width, channels, dtype=torch.float64)
+    for i in range(height):
+        for j in range(width):
+            u, v = (i + 0.5) / height, (j + 0.5) / width
+            for k in range(1, n + 1):
+                out[i * width + j, k - 1] = math.sin(math.pi * k * u)
+                out[i * width + j, n + k - 1] = math.cos(math.pi * k * u)
+                out[i * width + j, 2 * n + k - 1] = math.sin(math.pi * k * v)
+                out[i * width + j, 3 * n + k - 1] = math.cos(math.pi * k * v)
+    return out
+
+
+def test_position_features_match_the_formula_and_name_the_place():
+    torch.testing.assert_close(position_features(3, 5, 10).double(), reference_position_features(3, 5, 10),
+                               rtol=0, atol=1e-6)
+    # fractions of the side: the top-left pixel of a 4 x 4 map and the top-left 2 x 2 block of an 8 x 8 map
+    # sit at the same place, so their features agree to first order and the centre differs from both
+    coarse, fine = position_features(4, 4, 16), position_features(8, 8, 16)
+    top_left_fine = fine.reshape(8, 8, 16)[:2, :2].reshape(4, 16).mean(0)
+    assert (coarse[0] - top_left_fine).norm() < 0.5 * (coarse[0] - coarse[5]).norm()
+    with pytest.raises(ValueError, match="channels"):
+        position_features(4, 4, 3)
+
+
+def test_attention_pos_emb_tells_identical_tokens_apart():
+    """A constant feature map: every token is the same, so plain attention answers the same everywhere."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 1, 1).expand(1, 16, 4, 4).contiguous()
+    for pos_emb in (False, True):
+        layer = randomize_zero_init(ImageAttention("self", 16, heads=4, pos_emb=pos_emb))
+        out = layer(x).flatten(2)  # (1, C, HW)
+        spread = (out - out[..., :1]).abs().max().item()
+        assert (spread > 1e-3) if pos_emb else (spread < 1e-5), (pos_emb, spread)
+
+
 def reference_attention(layer: ImageAttention, x, tokens=None, mask=None):
     """The same layer computed by hand in float64: explicit softmax with -inf on masked keys."""
     p = {k: v.double() for k, v in layer.state_dict().items()}
@@ -131,6 +170,8 @@ def reference_attention(layer: ImageAttention, x, tokens=None, mask=None):
     xn = ((xg - xg.mean(-1, keepdim=True)) / torch.sqrt(xg.var(-1, unbiased=False, keepdim=True) + 1e-5))
     xn = xn.reshape(b, ch, hh, ww) * p["norm.weight"][:, None, None] + p["norm.bias"][:, None, None]
     t = xn.flatten(2).transpose(1, 2)  # (B, HW, C)
+    if layer.pos_emb:
+        t = t + reference_position_features(hh, ww, ch)
     q = t @ p["to_q.weight"].T + p["to_q.bias"]
     keys, values, masks = [], [], []
     if layer.kind != "cross":
@@ -150,10 +191,10 @@ def reference_attention(layer: ImageAttention, x, tokens=None, mask=None):
 
 
 @pytest.mark.parametrize("kind", ["self", "cross", "fused"])
-@pytest.mark.parametrize("float32", [False, True])
-def test_attention_matches_float64_reference(kind, float32):
+@pytest.mark.parametrize("float32,pos_emb", [(False, False), (True, False), (False, True)])
+def test_attention_matches_float64_reference(kind, float32, pos_emb):
     torch.manual_seed(0)
-    layer = randomize_zero_init(ImageAttention(kind, 16, heads=4, context_dim=12, float32=float32))
+    layer = randomize_zero_init(ImageAttention(kind, 16, heads=4, context_dim=12, float32=float32, pos_emb=pos_emb))
     x, tokens = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 12)
     mask = torch.tensor([[True, True, False, True, False], [True, False, False, False, False]])
     out = layer(x, make_text_context(tokens, mask, always_nonempty=False))
@@ -210,7 +251,8 @@ def test_channels_last_gives_the_same_output(cls):
 
 @pytest.mark.parametrize("cls", [Unet, EfficientUnet])
 def test_config_round_trips_through_json(cls):
-    net = small_net(cls, "stacked", lowres=True, dropout=0.1, learned_sinu_pos_emb_dim=8).eval()
+    net = small_net(cls, "stacked", lowres=True, dropout=0.1, learned_sinu_pos_emb_dim=8,
+                    attention_pos_emb=True).eval()
     config = json.loads(json.dumps(net.config))
     rebuilt = network_from_config(cls.__name__, config)
     assert NETWORKS[cls.__name__] is cls and rebuilt.config == net.config

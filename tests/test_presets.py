@@ -22,7 +22,7 @@ def count(net) -> int:
 
 
 def test_names_list_reference_and_tiny_presets():
-    assert set(REFERENCE) | {"tiny-32", "tiny-sr64"} <= set(presets.names())
+    assert set(REFERENCE) | {"tiny-32", "tiny-e16", "tiny-e32", "tiny-sr64"} <= set(presets.names())
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -61,11 +61,12 @@ def test_preset_config_round_trips(name):
     assert rebuilt.config == net.config and count(rebuilt) == count(net)
 
 
-@pytest.mark.parametrize("name,size,cls", [("tiny-32", 32, Unet), ("tiny-sr64", 64, EfficientUnet)])
+@pytest.mark.parametrize("name,size,cls", [("tiny-32", 32, Unet), ("tiny-e16", 16, EfficientUnet),
+                                           ("tiny-sr64", 64, EfficientUnet)])
 def test_tiny_presets_train_on_cpu(name, size, cls):
     torch.manual_seed(0)
     net = presets.build(name)
-    assert type(net) is cls and 1e6 <= count(net) <= 3e6
+    assert type(net) is cls and 1e6 <= count(net) <= 3e6, count(net)
     assert net.text_embed_dim == 64 and net.lowres_cond == (name == "tiny-sr64")
     b = 2
     x = torch.randn(b, 3, size, size)
