@@ -58,7 +58,7 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
         attention_resolutions=[16, 8], num_attn_heads=4, per_head_channels=32, cond_dim=128, text_embed_dim=64)),
     # 32 px text-to-image base in the Efficient U-Net layout: levels at 32, 16, 8, 4 px with 32 .. 256 channels,
     # most parameters at 8 and 4 px where fused attention reads the text; about twice the training images/s of
-    # tiny-32 on a CPU (the shapes quickstart's base stage).
+    # tiny-32 on a CPU.
     "tiny-e32": (EfficientUnet, dict(
         embed_dim=32, image_size=32, channel_mult=[1, 2, 4, 8], num_res_blocks=[1, 1, 1, 2], attention_type="fused",
         attention_levels=[False, False, True, True], num_attn_heads=4, per_head_channels=32, cond_dim=128,
