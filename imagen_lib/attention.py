@@ -136,10 +136,18 @@ class ImageAttention(nn.Module):
         # Zero-init the output projection: the block starts as the identity (DiT, ADM).
         self.proj_out = zero_(nn.Linear(channels, channels))
 
+    def _position_features(self, height: int, width: int, like: Tensor) -> Tensor:
+        """:func:`position_features` for this map size, made once and reused while size, device and dtype hold."""
+        key = (height, width, like.device, like.dtype)
+        if getattr(self, "_position_key", None) != key:
+            self._position_key = key
+            self._position = position_features(height, width, like.shape[-1], like.device, like.dtype)
+        return self._position
+
     def forward(self, x: Tensor, context: Optional[TextContext] = None) -> Tensor:
         t = _tokens(self.norm(x))  # (B, HW, C)
         if self.pos_emb:
-            t = t + position_features(x.shape[-2], x.shape[-1], x.shape[1], x.device, t.dtype)
+            t = t + self._position_features(x.shape[-2], x.shape[-1], t)
         q = self.to_q(t)  # (B, HW, C)
         mask, keep = None, None
         if self.kind == "self":

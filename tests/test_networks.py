@@ -199,6 +199,10 @@ def test_attention_matches_float64_reference(kind, float32, pos_emb):
     mask = torch.tensor([[True, True, False, True, False], [True, False, False, False, False]])
     out = layer(x, make_text_context(tokens, mask, always_nonempty=False))
     torch.testing.assert_close(out.double(), reference_attention(layer, x, tokens, mask), rtol=1e-5, atol=1e-5)
+    if pos_emb:  # another map size right after: the layer's reused position features must follow it
+        x = torch.randn(2, 16, 2, 6)
+        out = layer(x, make_text_context(tokens, mask, always_nonempty=False))
+        torch.testing.assert_close(out.double(), reference_attention(layer, x, tokens, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_stable_attention_in_bfloat16_is_finite_and_close():
