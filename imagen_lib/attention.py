@@ -10,16 +10,16 @@ Every block works on ``(B, C, H, W)`` feature maps, is pre-normalised and residu
 output projection so that it starts as the identity. Optionally (``pos_emb``) the image tokens carry fixed
 2-D sinusoidal features of where they sit in the image (:func:`position_features`): convolutions and
 attention are both blind to absolute position (a U-Net learns it only from zero padding), and without them
-a small text-to-image net learns "in the top left corner" far later than "red" or "large". Boolean masks (True = attend) are handed to SDPA, so
-padded text tokens get exactly zero weight; SDPA picks flash / memory-efficient kernels where available.
+a small text-to-image net learns "in the top left corner" far later than "red" or "large". Boolean masks
+(True = attend) are handed to SDPA, so padded text tokens get exactly zero weight; SDPA picks flash /
+memory-efficient kernels where available.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
-
-import math
 
 import torch
 import torch.nn.functional as F
