@@ -135,11 +135,12 @@ class ImageAttention(nn.Module):
         self.to_kv_text = nn.Linear(context_dim, 2 * channels) if kind != "self" else None
         # Zero-init the output projection: the block starts as the identity (DiT, ADM).
         self.proj_out = zero_(nn.Linear(channels, channels))
+        self._position_key, self._position = None, None  # position features of the last map size seen
 
     def _position_features(self, height: int, width: int, like: Tensor) -> Tensor:
         """:func:`position_features` for this map size, made once and reused while size, device and dtype hold."""
         key = (height, width, like.device, like.dtype)
-        if getattr(self, "_position_key", None) != key:
+        if self._position_key != key:
             self._position_key = key
             self._position = position_features(height, width, like.shape[-1], like.device, like.dtype)
         return self._position
