@@ -105,6 +105,10 @@ class Stage:
         lowres_aug: the noise-conditioning augmentation of a super-resolution stage (its ``max_train_level``
             is the training range, its ``sample_level`` the default sampling level); default
             ``NoiseAugmentation()`` when ``net.lowres_cond``, None otherwise.
+        random_crop_size: train on random square crops of this side (the target and its low-resolution input
+            cut at the same place) instead of whole images; sampling still makes whole images. Imagen trains
+            its super-resolution nets this way (64 px crops of 256 px images): a convolutional net without
+            self-attention sees the same local statistics at a fraction of the cost per step. Default None.
     """
 
     net: nn.Module
@@ -112,6 +116,7 @@ class Stage:
     image_size: int
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     lowres_aug: Optional[NoiseAugmentation] = None
+    random_crop_size: Optional[int] = None
 
     def __post_init__(self):
         for attr in ("config", "channels", "lowres_cond", "text_embed_dim"):
@@ -125,6 +130,9 @@ class Stage:
             raise TypeError(f"sampler: expected SamplerSettings, got {type(self.sampler).__name__}")
         if self.net.lowres_cond and self.lowres_aug is None:
             self.lowres_aug = NoiseAugmentation()
+        crop = self.random_crop_size
+        if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or not 1 <= crop <= self.image_size):
+            raise ValueError(f"random_crop_size: expected None or an int in [1, image_size={self.image_size}], got {crop!r}")
 
     @property
     def config(self) -> dict:
@@ -134,6 +142,7 @@ class Stage:
             "image_size": self.image_size,
             "sampler": self.sampler.config,
             "lowres_aug": None if self.lowres_aug is None else self.lowres_aug.config,
+            "random_crop_size": self.random_crop_size,
         }
 
 
@@ -143,6 +152,21 @@ def resize(images: Tensor, size: int) -> Tensor:
         return images
     shrinking = size < images.shape[-1] or size < images.shape[-2]
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def random_crops(images: Sequence[Tensor], size: int, generator: sampling.Generator = None) -> list[Tensor]:
+    """The same random ``size`` x ``size`` window of each row cut from every tensor of ``images`` (all
+    (B, C, H, W) with equal B, H, W): row ``b`` keeps ``[top_b : top_b + size, left_b : left_b + size]``, offsets
+    uniform over the positions that fit."""
+    b, _, h, w = images[0].shape
+    device = images[0].device
+    tops = (sampling.rand((b,), generator, device) * (h - size + 1)).long().clamp_(max=h - size)
+    lefts = (sampling.rand((b,), generator, device) * (w - size + 1)).long().clamp_(max=w - size)
+    offsets = torch.arange(size, device=device)
+    rows = (tops[:, None] + offsets)[:, None, :, None]      # (B, 1, size, 1)
+    cols = (lefts[:, None] + offsets)[:, None, None, :]     # (B, 1, 1, size)
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    return [x[batch, torch.arange(x.shape[1], device=device)[None, :, None, None], rows, cols] for x in images]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,7 +294,8 @@ class Cascade(nn.Module):
 
         Images are resized (antialiased) to the stage's size. A super-resolution stage gets as its
         low-resolution input the images resized to the previous stage's size and back, noised by its
-        ``lowres_aug`` at a random level. In training mode each example's text is dropped with probability
+        ``lowres_aug`` at a random level. A stage with ``random_crop_size`` then sees the same random window of
+        both. In training mode each example's text is dropped with probability
         ``cond_drop_prob`` (its mask row set to all False). ``net`` / ``text_encoder`` stand in for the
         stage's own modules (the Trainer passes its distributed wrappers).
         """
@@ -290,10 +315,13 @@ class Cascade(nn.Module):
         kwargs: dict[str, Any] = {}
         if embeds is not None:
             kwargs.update(text_embeds=embeds, text_mask=mask)
-        if st.net.lowres_cond:
-            low = resize(resize(images, self.stages[k - 1].image_size), st.image_size)
-            kwargs["lowres_img"], kwargs["lowres_noise_cond"] = st.lowres_aug(low, None, generator)
         x0 = resize(images, st.image_size)
+        low = resize(resize(images, self.stages[k - 1].image_size), st.image_size) if st.net.lowres_cond else None
+        if st.random_crop_size is not None and st.random_crop_size < st.image_size:
+            x0, low = random_crops([x0, x0 if low is None else low], st.random_crop_size, generator)
+            low = low if st.net.lowres_cond else None
+        if low is not None:
+            kwargs["lowres_img"], kwargs["lowres_noise_cond"] = st.lowres_aug(low, None, generator)
         return st.diffusion.loss(net if net is not None else st.net, x0, generator=generator, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------
@@ -461,6 +489,7 @@ class Cascade(nn.Module):
                 image_size=int(sc["image_size"]),
                 sampler=SamplerSettings(**sc.get("sampler", {})),
                 lowres_aug=None if aug is None else NoiseAugmentation(**aug),
+                random_crop_size=sc.get("random_crop_size"),
             ))
         if text_encoder is None and load_text_encoder and config.get("text_encoder") is not None:
             from imagen_lib.text import text_encoder_from_config

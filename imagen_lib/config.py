@@ -21,6 +21,7 @@ The vocabulary follows NeMo's Imagen configs where they have a word for it (``un
         preconditioning: {loss_type: l2, sigma_data: 0.5, p_mean: -1.2, p_std: 1.2}
         sampler: {sampler: dpmpp_2m, steps: 25, cond_scale: 3.0, threshold: dynamic}   # SamplerSettings
         noise_aug: {schedule: cosine, sample_level: 0.2, max_train_level: 1.0}        # SR stages only
+        random_crop_size: null       # train on random crops of this side (Imagen's SR stages: 64 of 256)
         train: {steps: 1000, batch_size: 32}
     data: {type: shapes, seed: 0, length: 100000, num_workers: 0}      # the built-in captioned shapes, or
     data:                            # a folder of images with a same-named .txt caption beside each
@@ -54,7 +55,8 @@ from typing import Any, Optional, Union
 import yaml
 
 TOP_KEYS = {"seed", "cond_drop_prob", "text_embed_dim", "text_encoder", "stages", "data", "trainer", "sample"}
-STAGE_KEYS = {"image_size", "unet", "preconditioning_type", "preconditioning", "sampler", "noise_aug", "train"}
+STAGE_KEYS = {"image_size", "unet", "preconditioning_type", "preconditioning", "sampler", "noise_aug", "train",
+              "random_crop_size"}
 TEXT_KEYS = {"name_or_path", "encoder_path", "build_tiny", "vocabulary", "seed", "max_length", "token_length",
              "trainable", "dtype"}
 TRAIN_KEYS = {"steps", "batch_size"}
@@ -268,7 +270,7 @@ def build_cascade(config: dict):
         stages.append(Stage(
             net=net, diffusion=build_diffusion(sc.get("preconditioning_type", "EDM"), sc.get("preconditioning")),
             image_size=int(sc["image_size"]), sampler=build_sampler_settings(sc.get("sampler")),
-            lowres_aug=NoiseAugmentation(**aug) if aug else None,
+            lowres_aug=NoiseAugmentation(**aug) if aug else None, random_crop_size=sc.get("random_crop_size"),
         ))
     return Cascade(stages, text_encoder=encoder, cond_drop_prob=float(config.get("cond_drop_prob", 0.1)))
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_cascade import TEXT_DIM, images, tiny_cascade
 
-from imagen_lib.cascade import Cascade, SamplerSettings, Stage, resize
+from imagen_lib.cascade import Cascade, SamplerSettings, Stage, random_crops, resize
 from imagen_lib.diffusion import ElucidatedDiffusion
 from imagen_lib.text import T5TextEncoder
 from tiny_cascade import T5_KWARGS
@@ -62,6 +62,53 @@ def test_super_resolution_input_is_the_image_down_then_up(cascade):
     assert not torch.allclose(rec.kwargs["lowres_img"], x, atol=1e-3)  # the detail above 8 px is gone
     assert seen["level"] is None  # random training levels
     assert rec.kwargs["lowres_noise_cond"].tolist() == [7.0, 7.0]
+
+
+def test_random_crops_cut_the_same_window_from_each_tensor():
+    a = torch.arange(3 * 2 * 6 * 6, dtype=torch.float64).reshape(3, 2, 6, 6)
+    b = -a[:, :1]
+    g = torch.Generator().manual_seed(0)
+    ca, cb = random_crops([a, b], 4, g)
+    assert ca.shape == (3, 2, 4, 4) and cb.shape == (3, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)  # the offsets, drawn as random_crops draws them
+    tops = (torch.rand((3,), generator=g) * 3).long()
+    lefts = (torch.rand((3,), generator=g) * 3).long()
+    for row, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist())):
+        assert torch.equal(ca[row], a[row, :, top:top + 4, left:left + 4])
+        assert torch.equal(cb[row], b[row, :, top:top + 4, left:left + 4])
+    many = random_crops([a.repeat(100, 1, 1, 1)], 4, torch.Generator().manual_seed(1))[0]
+    corners = {(int(c[0, 0, 0]) % 36) for c in many}  # top-left pixel index within its 6 x 6 image
+    assert corners == {6 * t + l for t in range(3) for l in range(3)}  # every window that fits, none beyond
+    assert torch.equal(random_crops([a], 6)[0], a)
+
+
+def test_super_resolution_trains_on_crops_and_samples_whole_images(cascade):
+    stage = cascade.stages[1]
+    stage.random_crop_size = 8
+    seen = {}
+
+    def no_noise(low, level, generator):
+        seen["low"] = low
+        return low, torch.zeros(low.shape[0])
+
+    stage.lowres_aug, augmentation = no_noise, stage.lowres_aug
+    rec = Recorder(stage.net)
+    x = images(2, 16)
+    loss = cascade(x, texts=["a", "b"], stage=1, net=rec)
+    stage.lowres_aug = augmentation
+    assert torch.isfinite(loss) and rec.batches == [2]
+    low = seen["low"]
+    assert low.shape == (2, 3, 8, 8)
+    full_low = resize(resize(x, 8), 16)
+    for row in range(2):  # each crop is a window of that row's own down-then-up image
+        windows = full_low[row].unfold(1, 8, 1).unfold(2, 8, 1)  # (C, 9, 9, 8, 8)
+        assert any(torch.equal(windows[:, i, j], low[row]) for i in range(9) for j in range(9))
+    out = cascade.sample(["a red circle"], seed=0, disable_progress=True)
+    assert out.shape == (1, 3, 16, 16)
+    rebuilt = Cascade.from_config(cascade.config, text_encoder=cascade.text_encoder)
+    assert rebuilt.stages[1].random_crop_size == 8
+    with pytest.raises(ValueError, match="random_crop_size"):
+        Stage(stage.net, stage.diffusion, 16, random_crop_size=32)
 
 
 def test_text_dropout_in_training_only(encoder):
