@@ -9,6 +9,7 @@ peer's side leaves out as well.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 STAGES = ("base", "sr")
 IMAGE_SIZES = {"base": 32, "sr": 64}
+RECIPES = ("matched", "quickstart")
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "shapes.yaml"
 
 
 def build_network(stage: str, text_embed_dim: int = common.TEXT_EMBED_DIM) -> torch.nn.Module:
@@ -69,14 +72,31 @@ def build_cascade(cond_drop_prob: float = 0.1):
     return Cascade(stages, cond_drop_prob=cond_drop_prob)
 
 
+def build_quickstart_cascade():
+    """The main job's cascade (examples/shapes.yaml: 16 px position-aware base, 16 -> 64 px SR trained on
+    32 px crops, its EDM training settings and its own samplers) on the harness's text embeddings instead of
+    its text encoder. For the quality section: what our library recommends for this data, not a matched net."""
+    from imagen_lib.config import build_cascade as from_config
+    from imagen_lib.config import load_config
+
+    config = load_config(QUICKSTART)
+    config.pop("text_encoder", None)
+    config["text_embed_dim"] = common.TEXT_EMBED_DIM
+    return from_config(config)
+
+
 class OursSide:
     """One optimiser step of one stage, and sampling of the two-stage cascade."""
 
     name = "imagen_lib"
 
-    def __init__(self, device: torch.device, lr: float = 1e-4):
+    def __init__(self, device: torch.device, lr: float = 1e-4, recipe: str = "matched"):
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe: expected one of {RECIPES}, got {recipe!r}")
         self.device = device
-        self.cascade = build_cascade().to(device)
+        self.recipe = recipe
+        self.cascade = (build_cascade() if recipe == "matched" else build_quickstart_cascade()).to(device)
+        self.image_sizes = {s: st.image_size for s, st in zip(STAGES, self.cascade.stages)}
         self.lr = lr
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
@@ -103,7 +123,10 @@ class OursSide:
         sampler: str = "heun",
         seed: int = 0,
     ) -> torch.Tensor:
-        """Images (B, 3, 64, 64) in [0, 1]."""
+        """Images (B, 3, 64, 64) in [0, 1]. ``sampler="own"``: each stage's own sampler settings (sampler,
+        steps and cond_scale of its config)."""
+        if sampler == "own":
+            return self.cascade.sample(text_embeds=text_embeds, text_mask=text_mask, seed=seed, disable_progress=True)
         return self.cascade.sample(
             text_embeds=text_embeds, text_mask=text_mask, cond_scale=cond_scale, steps=steps, sampler=sampler,
             seed=seed, disable_progress=True,

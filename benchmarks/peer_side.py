@@ -106,6 +106,7 @@ class PeerSide:
     def __init__(self, device: torch.device, lr: float = 1e-4):
         self.device = device
         self.imagen = build_imagen().to(device)
+        self.image_sizes = {"base": 32, "sr": 64}
         self.lr = lr
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 

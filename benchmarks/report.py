@@ -105,16 +105,18 @@ def tables(results: dict[str, Any]) -> str:
         parts.append("\n**Quality per compute**: shapes judge on fixed prompts after the same training minutes "
                      f"(batch {first['batch']}, Adam lr {first['lr']:g} after {first.get('lr_warmup', 0)} warm-up "
                      f"steps, EMA beta {first.get('ema_beta', 0):g}, {first['eval_n']} prompts)\n")
-        parts.append("| library | minutes base / sr | steps base / sr | sampler:steps | fully correct | colour | shape | "
+        parts.append("| library | recipe (sizes) | minutes base / sr | steps base / sr | sampler:steps | fully correct | colour | shape | "
                      "size | position | background |")
-        parts.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+        parts.append("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
         for lib, r in q.items():
             t = r["training"]
             for j in r["judged"]:
                 acc = j["accuracy"]
                 cells = " | ".join("-" if acc[k] is None else f"{acc[k]:.0%}"
                                    for k in ("color", "shape", "size", "position", "background"))
-                parts.append(f"| {lib} | {r['minutes']['base']:g} / {r['minutes']['sr']:g} | {t['base']['steps']} / {t['sr']['steps']} | "
+                sizes = r.get("sizes", {"base": 32, "sr": 64})
+                recipe = f"{r.get('recipe', 'matched')} ({sizes['base']} -> {sizes['sr']})"
+                parts.append(f"| {lib} | {recipe} | {r['minutes']['base']:g} / {r['minutes']['sr']:g} | {t['base']['steps']} / {t['sr']['steps']} | "
                              f"{j['sampler']}:{j['steps']} | {j['all_correct']:.0%} | {cells} |")
     if "profile" in results:
         parts.append("\n**Our training step's hot spots** (torch.profiler, self CPU time per step)\n")

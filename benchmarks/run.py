@@ -65,7 +65,8 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
         samplers = {"ours": "heun:4,dpmpp_2m:2", "peer": "heun:2"}
     out = {}
     for lib in LIBS:
-        out[lib] = worker(args, lib, "quality", *minutes, "--eval-n", eval_n, "--lr", str(args.lr),
+        recipe = ["--recipe", args.ours_recipe] if lib == "ours" else []
+        out[lib] = worker(args, lib, "quality", *minutes, *recipe, "--eval-n", eval_n, "--lr", str(args.lr),
                           "--lr-warmup", str(args.lr_warmup), "--ema-beta", str(args.ema_beta),
                           "--samplers", samplers[lib], "--artifacts", str(HERE / "artifacts"))
     return out
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr-warmup", type=int, default=100, help="quality: linear warm-up steps (both libraries)")
     parser.add_argument("--ema-beta", type=float, default=0.995, help="quality: EMA of the weights (0: none)")
     parser.add_argument("--ours-quality-samplers", default="heun:64,heun:32,dpmpp_2m:8,dpmpp_2m:12,dpmpp_2m:16")
+    parser.add_argument("--ours-recipe", choices=["matched", "quickstart"], default="matched",
+                        help="quality: our matched networks, or the main job's cascade (16 px base, SR on crops)")
     parser.add_argument("--dpm-steps", type=int, default=0, help="sample: our DPM++ steps (0: from quality)")
     parser.add_argument("--sample-batch", type=int, default=8)
     parser.add_argument("--bf16", action="store_true", help="GPU: bf16 autocast")

@@ -32,7 +32,7 @@ def load_side(lib: str, device: torch.device, args: argparse.Namespace):
     if lib == "ours":
         import ours_side
 
-        return ours_side.OursSide(device, lr=args.lr)
+        return ours_side.OursSide(device, lr=args.lr, recipe=args.recipe)
     raise ValueError(f"--lib must be 'ours' or 'peer', got {lib!r}")
 
 
@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--min-seconds", type=float, default=10.0)
-    parser.add_argument("--samplers", default="heun:32")
+    parser.add_argument("--samplers", default="heun:32", help="name:steps list; ours also takes own:0 (the stages' own settings)")
+    parser.add_argument("--recipe", choices=["matched", "quickstart"], default="matched",
+                        help="ours: the matched networks, or the main job's cascade (examples/shapes.yaml)")
     parser.add_argument("--cond-scale", type=float, default=3.0)
     parser.add_argument("--minutes", type=float, default=3.0, help="quality: training minutes of the base stage")
     parser.add_argument("--sr-minutes", type=float, default=2.0, help="quality: training minutes of the SR stage")
