@@ -2,8 +2,8 @@
 the cascade's images of fixed prompts with the shapes reader.
 
 Both libraries see the same batches (items ``16 k .. 16 k + 15`` of ``ShapesDataset(seed=0)`` at step k, at
-the base stage's size (32 px; 16 px for our ``quickstart`` recipe) and 64 px for the super-resolution stage), the same text embeddings
-(``common.caption_embeddings``), the same optimiser (Adam, the same learning rate, gradient clipping 1.0),
+the base stage's size (32 px; 16 px for our ``quickstart`` recipe) and 64 px for the super-resolution stage),
+the same text embeddings (``common.caption_embeddings``), the same optimiser (Adam, the same learning rate, gradient clipping 1.0),
 the same learning-rate warm-up and the same EMA of the weights (beta 0.995 by default: in minutes of
 training the peer's default 0.9999 would still be the initial weights). Only the time
 spent in training steps counts against the budget; rendering the batches is done before the clock runs.
@@ -140,7 +140,8 @@ def run(side: Any, device: torch.device, args: argparse.Namespace) -> dict[str, 
     for i, (sampler, steps) in enumerate(_sampler_list(args.samplers)):
         grid = artifacts / f"quality_{args.lib}_{sampler}{steps}.png" if artifacts and i == 0 else None
         judged.append(judge(side, device, args, sampler, steps, grid))
-    return {"recipe": getattr(side, "recipe", "-"), "sizes": side.image_sizes, "minutes": {"base": args.minutes, "sr": args.sr_minutes}, "batch": args.batch, "lr": args.lr,
+    return {"recipe": getattr(side, "recipe", "-"), "sizes": side.image_sizes,
+            "minutes": {"base": args.minutes, "sr": args.sr_minutes}, "batch": args.batch, "lr": args.lr,
             "lr_warmup": args.lr_warmup, "ema_beta": args.ema_beta, "eval_n": args.eval_n,
             "cond_scale": args.cond_scale, "training": training, "judged": judged,
             "params": {s: common.param_count(side.network(s)) for s in ("base", "sr")},

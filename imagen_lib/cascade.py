@@ -318,8 +318,8 @@ class Cascade(nn.Module):
         x0 = resize(images, st.image_size)
         low = resize(resize(images, self.stages[k - 1].image_size), st.image_size) if st.net.lowres_cond else None
         if st.random_crop_size is not None and st.random_crop_size < st.image_size:
-            x0, low = random_crops([x0, x0 if low is None else low], st.random_crop_size, generator)
-            low = low if st.net.lowres_cond else None
+            crops = random_crops([x0] if low is None else [x0, low], st.random_crop_size, generator)
+            x0, low = crops[0], (crops[1] if low is not None else None)
         if low is not None:
             kwargs["lowres_img"], kwargs["lowres_noise_cond"] = st.lowres_aug(low, None, generator)
         return st.diffusion.loss(net if net is not None else st.net, x0, generator=generator, **kwargs)
