@@ -19,7 +19,9 @@ Recommended settings (what the processes use by default):
   evaluation per step and good images in 20-25 steps, for both processes;
 * ``heun`` with 32 steps on the Karras grid (63 evaluations) is the EDM reference-quality setting
   (Karras et al. 2022, Table 1 uses 18-40 steps); add ``S_churn`` (40-80) for stochastic sampling;
-* ``euler_ancestral`` is the DDPM ancestral sampler (Ho et al. 2020) and needs 100+ steps;
+* ``euler_ancestral`` is the DDPM ancestral sampler (Ho et al. 2020): from noise a base model needs 100+
+  steps, but its fresh noise at every step cleans edges on a super-resolution stage (the shapes main job
+  samples its SR stage with 25);
 * ``ddim`` with ``eta=0`` is the deterministic DDIM of Song et al. 2021 (identical to ``euler`` in the
   VE parametrisation), ``eta=1`` is the ancestral sampler.
 """
@@ -259,9 +261,15 @@ def sample_ddim(
     ``x0_hat + (sigma_next / sigma)^2 (x - x0_hat)`` and std ``sigma_next sqrt(1 - (sigma_next / sigma)^2)``;
     DDIM keeps ``eta`` times that std and puts the rest of ``sigma_next`` on the predicted noise direction.
     """
+    return _ddim_steps(denoiser, x, sigmas, generator, callback, disable_progress, eta, s_noise, "ddim")
+
+
+@torch.no_grad()
+def _ddim_steps(denoiser, x, sigmas, generator, callback, disable_progress, eta, s_noise, label) -> Tensor:
+    """The DDIM loop of :func:`sample_ddim`; ``label`` names the progress bar after the sampler asked for."""
     _check_x(x)
     grid = _grid(sigmas)
-    for i in tqdm(range(len(grid) - 1), disable=disable_progress, desc="ddim"):
+    for i in tqdm(range(len(grid) - 1), disable=disable_progress, desc=label):
         sigma, sigma_next = grid[i], grid[i + 1]
         denoised = _den(denoiser, x, sigma)
         ratio = sigma_next / sigma
@@ -282,10 +290,7 @@ def sample_euler_ancestral(
 
     ``eta`` 1.0 (default) is DDPM; smaller values interpolate towards DDIM. ``s_noise`` scales the fresh noise.
     """
-    return sample_ddim(
-        denoiser, x, sigmas, generator=generator, callback=callback, disable_progress=disable_progress,
-        eta=eta, s_noise=s_noise,
-    )
+    return _ddim_steps(denoiser, x, sigmas, generator, callback, disable_progress, eta, s_noise, "euler_ancestral")
 
 
 @torch.no_grad()
