@@ -3,9 +3,9 @@ the cascade's images of fixed prompts with the shapes reader.
 
 Both libraries see the same batches (items ``16 k .. 16 k + 15`` of ``ShapesDataset(seed=0)`` at step k, at
 the base stage's size (32 px; 16 px for our ``quickstart`` recipe) and 64 px for the super-resolution stage),
-the same text embeddings (``common.caption_embeddings``), the same optimiser (Adam, the same learning rate, gradient clipping 1.0),
-the same learning-rate warm-up and the same EMA of the weights (beta 0.995 by default: in minutes of
-training the peer's default 0.9999 would still be the initial weights). Only the time
+the same text embeddings (``common.caption_embeddings``), the same optimiser (Adam, the same learning rate,
+gradient clipping 1.0), the same learning-rate warm-up and the same EMA of the weights (beta 0.995 by
+default: in minutes of training the peer's default 0.9999 would still be the initial weights). Only the time
 spent in training steps counts against the budget; rendering the batches is done before the clock runs.
 On a CPU the clock is the process's CPU time divided by its threads: wall time on an idle machine, and a
 fair budget on a machine shared with other work (see ``train_stage``).
