@@ -173,7 +173,7 @@ class Trainer:
         encoder = self.cascade.text_encoder
         self.train_text = encoder is not None and encoder.trainable
         ema_kwargs = dict(beta=s.ema_beta, update_after_step=s.ema_update_after_step, update_every=s.ema_update_every,
-                          power=s.ema_power, include_online_model=False)
+                          power=s.ema_power, include_online_model=False, use_foreach=True)
         # EMA copies are made before Accelerate wraps the nets (its mixed-precision forward patch stays off them)
         self.emas = [EMA(stage.net, **ema_kwargs) for stage in self.cascade.stages]
         self.text_ema = EMA(encoder.model, **ema_kwargs) if self.train_text else None  # shared by all stages
@@ -243,7 +243,8 @@ class Trainer:
         k = self._stage(stage)
         acc, opt = self.accelerator, self.optimizers[k]
         batch, size = self._normalise_batch(batch)
-        self.cascade.train()
+        if not (self.cascade.training and self.cascade.stages[k].net.training):
+            self.cascade.train()  # once after sampling or validation, not every step (it walks every module)
         wrapped = [self.wrappers[k]] + ([self.text_wrapper] if self.train_text else [])
         chunks = self._chunks(batch, size)
         total = torch.zeros((), device=self.device)

@@ -130,6 +130,21 @@ def test_sampling_uses_the_ema_weights_unless_told_otherwise(encoder):
     assert trainer.valid_step(0, _batch(size=8)) > 0
 
 
+def test_train_step_puts_the_cascade_back_in_training_mode(encoder):
+    cascade = tiny_cascade(text_encoder=encoder)
+    trainer = Trainer(cascade, lr=1e-3, **FAST_EMA)
+    trainer.train_step(0, _batch(size=8))
+    trainer.valid_step(0, _batch(size=8), use_ema=False)
+    trainer.sample(["a"], seed=0, stop_at_stage=0, disable_progress=True, use_ema=False)
+    cascade.eval()  # e.g. a notebook that sampled with the cascade directly
+    trainer.train_step(0, _batch(size=8, seed=1))
+    assert all(m.training for m in cascade.stages[0].net.modules())
+    cascade.stages[1].net.eval()
+    trainer.train_step(1, _batch(size=16, seed=2))
+    assert all(m.training for s in cascade.stages for m in s.net.modules())
+    assert not cascade.text_encoder.model.training  # a frozen encoder stays in eval mode
+
+
 def test_save_load_resumes_exactly_and_from_checkpoint_samples_identically(encoder, tmp_path):
     path = tmp_path / "ck"
     trainer = Trainer(tiny_cascade(text_encoder=encoder), lr=1e-3, warmup_steps=2, total_steps=10, **FAST_EMA)
