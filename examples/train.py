@@ -117,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.log_with:
         accelerator.init_trackers("imagen_lib", config=flatten(config))  # tensorboard: OUT/imagen_lib/
 
+    if cfg.parallel_settings(config) is not None:  # a CPU speed-up of `imagen-lib train`; processes here are for DDP
+        accelerator.print("parallel_stages: not used by this script; the stages train in turn")
     stages = list(range(len(cascade.stages))) if args.stage == "all" else [args.stage]
     if stages[-1] >= len(cascade.stages):
         raise SystemExit(f"--stage: expected 'all' or an index in [0, {len(cascade.stages) - 1}], got {args.stage}")

@@ -37,6 +37,9 @@ The vocabulary follows NeMo's Imagen configs where they have a word for it (``un
       shuffle_buffer: 1000           # shuffle_shards (true) and seed as for folders; num_workers for both
     trainer: {lr: 1.0e-4, warmup_steps: 100, mixed_precision: "no"}     # TrainerSettings fields
     sample: {prompts: ["a red circle"], seed: 0, num_images_per_prompt: 1}
+    parallel_stages:                 # optional, single-process runs: train stages 1.. in their own processes
+      threads_per_stage: 1           # ... with this many torch threads each, while stage 0 trains on the rest;
+      join_at_step: 5000             # at this step stage 0 waits for them, then takes every thread (default: at its end)
 
 ``--set key=value`` overrides use dotted keys, list items by index (``stages.1.train.steps=200``); the value
 is read as YAML (``1e-4``, ``true``, ``[1, 2]``).
@@ -54,7 +57,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-TOP_KEYS = {"seed", "cond_drop_prob", "text_embed_dim", "text_encoder", "stages", "data", "trainer", "sample"}
+TOP_KEYS = {"seed", "cond_drop_prob", "text_embed_dim", "text_encoder", "stages", "data", "trainer", "sample",
+            "parallel_stages"}
+PARALLEL_KEYS = {"threads_per_stage", "join_at_step"}
 STAGE_KEYS = {"image_size", "unet", "preconditioning_type", "preconditioning", "sampler", "noise_aug", "train",
               "random_crop_size"}
 TEXT_KEYS = {"name_or_path", "encoder_path", "build_tiny", "vocabulary", "seed", "max_length", "token_length",
@@ -290,6 +295,21 @@ def stage_training(config: dict, k: int) -> dict:
     """``{"steps", "batch_size"}`` of stage ``k`` (defaults 1000 and 16)."""
     block = _check_keys(config["stages"][k].get("train"), TRAIN_KEYS, f"stages.{k}.train")
     return {"steps": int(block.get("steps", 1000)), "batch_size": int(block.get("batch_size", 16))}
+
+
+def parallel_settings(config: dict) -> Optional[dict]:
+    """``{"threads_per_stage", "join_at_step"}`` of the ``parallel_stages`` block, or None without one."""
+    block = config.get("parallel_stages")
+    if block is None or block is False:
+        return None
+    block = {} if block is True else _check_keys(block, PARALLEL_KEYS, "parallel_stages")
+    threads = block.get("threads_per_stage", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"parallel_stages.threads_per_stage: expected an int >= 1, got {threads!r}")
+    join = block.get("join_at_step")
+    if join is not None and (not isinstance(join, int) or isinstance(join, bool) or join < 1):
+        raise ValueError(f"parallel_stages.join_at_step: expected a step number >= 1 or null, got {join!r}")
+    return {"threads_per_stage": threads, "join_at_step": join}
 
 
 def sample_settings(config: dict) -> dict:

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -309,13 +309,16 @@ class Trainer:
         self, dataloader: Iterable, stage: int, steps: int, *, log_every: int = 50, sample_every: Optional[int] = None,
         sample_prompts: Optional[Sequence[str]] = None, out_dir: Union[None, str, Path] = None,
         save_every: Optional[int] = None, sample_seed: int = 0, disable_progress: bool = False,
+        on_step: Optional[Callable[[int], None]] = None, progress_position: Optional[int] = None,
     ) -> dict:
         """Train ``stage`` for ``steps`` optimizer steps on batches from ``dataloader`` (re-iterated as needed).
 
         Logs the mean loss every ``log_every`` steps through the Accelerate trackers; every ``sample_every``
         steps writes a captioned grid of ``sample_prompts`` to ``out_dir/samples/stage{k}-{step}.png`` and every
         ``save_every`` steps a checkpoint to ``out_dir/checkpoint`` (main process only). The cosine horizon of
-        the stage is ``steps`` unless ``total_steps`` was set. Returns ``{"stage", "steps", "loss", "seconds"}``.
+        the stage is ``steps`` unless ``total_steps`` was set. ``on_step`` is called after every step with the
+        stage's step count; ``progress_position`` places the progress bar (one line per process that trains a
+        stage at the same time). Returns ``{"stage", "steps", "loss", "seconds"}``.
         """
         k = self._stage(stage)
         if int(steps) < 1:
@@ -325,7 +328,8 @@ class Trainer:
         if self.horizons[k] is None:
             self.horizons[k] = self.steps[k] + int(steps)
         loader = self._prepare_loader(dataloader)
-        bar = tqdm(total=int(steps), desc=f"stage {k}", disable=disable_progress or not self.is_main_process)
+        bar = tqdm(total=int(steps), desc=f"stage {k}", disable=disable_progress or not self.is_main_process,
+                   position=progress_position)
         start, window, mean = time.time(), [], float("nan")
         for i, batch in zip(range(int(steps)), _forever(loader)):
             window.append(self.train_step(k, batch))
@@ -337,6 +341,8 @@ class Trainer:
                                      step=self.steps[k])
                 bar.set_postfix(loss=f"{mean:.4f}")
             bar.update(1)
+            if on_step is not None:
+                on_step(self.steps[k])
             if sample_every and step % sample_every == 0 and sample_prompts:
                 self.write_samples(Path(out_dir) / "samples" / f"stage{k}-{self.steps[k]:06d}.png", sample_prompts,
                                    stop_at_stage=k, seed=sample_seed)
@@ -408,25 +414,35 @@ class Trainer:
             tensors["ema_text.step"], tensors["ema_text.initted"] = self.text_ema.step, self.text_ema.initted
         return tensors, state
 
-    def load(self, path: Union[str, Path]) -> "Trainer":
-        """Restore everything :meth:`save` wrote, so training resumes where it stopped (call on every process)."""
+    def load(self, path: Union[str, Path], *, stages: Optional[Sequence[int]] = None) -> "Trainer":
+        """Restore everything :meth:`save` wrote, so training resumes where it stopped (call on every process).
+
+        With ``stages``, only those stages' weights, EMA, optimizer state, step count and schedule horizon
+        (e.g. stages trained in another process); the rest of this trainer (other stages, RNG) stays as it is.
+        """
         config = ckpt.read_config(path)
         mine = self.cascade.config
         if [s["network"] for s in config["stages"]] != [s["network"] for s in mine["stages"]]:
             raise ValueError(f"path: checkpoint {path!s} holds a different cascade architecture than this trainer's")
+        partial = stages is not None
+        chosen = sorted({self._stage(k) for k in stages}) if partial else range(len(self.cascade.stages))
         device = self.device
-        for k, st in enumerate(self.cascade.stages):
-            st.net.load_state_dict(ckpt.read_tensors(path, f"stage{k}", device))
+        for k in chosen:
+            self.cascade.stages[k].net.load_state_dict(ckpt.read_tensors(path, f"stage{k}", device))
             self.emas[k].ema_model.load_state_dict(ckpt.read_tensors(path, f"stage{k}.ema", device))
-        if self.train_text:
+        if self.train_text and not partial:
             self.cascade.text_encoder.model.load_state_dict(ckpt.read_tensors(path, "text_encoder", device))
             self.text_ema.ema_model.load_state_dict(ckpt.read_tensors(path, "text_encoder.ema", device))
         tensors = ckpt.read_tensors(path, "trainer", device)
         state = ckpt.read_json(path, "trainer")
-        for k, opt in enumerate(self.optimizers):
-            opt.load_state_dict(ckpt.join_state(state["optimizers"][k], tensors))
+        for k in chosen:
+            self.optimizers[k].load_state_dict(ckpt.join_state(state["optimizers"][k], tensors))
             self.emas[k].step.copy_(tensors[f"ema{k}.step"])
             self.emas[k].initted.copy_(tensors[f"ema{k}.initted"])
+        if partial:
+            for k in chosen:
+                self.steps[k], self.horizons[k] = state["steps"][k], state["horizons"][k]
+            return self
         if self.text_ema is not None:
             self.text_ema.step.copy_(tensors["ema_text.step"])
             self.text_ema.initted.copy_(tensors["ema_text.initted"])
