@@ -163,6 +163,22 @@ def test_reader_reads_the_data_set_almost_perfectly(image_size):
     for key in ATTRIBUTE_KEYS:
         accuracy = np.mean([r[key] == a[key] for r, a in zip(readings, batch["attributes"])])
         assert accuracy >= 0.99, (key, accuracy)
+    assert all(r["count"] == 1 for r in readings)
+
+
+def test_reader_counts_the_shapes_drawn():
+    left = render(_attrs(position="left", shape="triangle", size="small"), 64)
+    right = render(_attrs(position="right", shape="triangle", size="small"), 64)
+    two = torch.minimum(left, right)  # red on white: the darker pixel of each pair is the shape's
+    readings = read_shapes(torch.stack([left, two]), value_range=(-1, 1))
+    assert [r["count"] for r in readings] == [1, 2]
+    assert readings[1]["shape"] == "triangle" and readings[1]["color"] == "red"
+    wanted = [{**_attrs(shape="triangle", size="small"), "mentioned": ["color", "shape", "size"]}] * 2
+    report = score_shapes(torch.stack([left, two]), wanted, value_range=(-1, 1))
+    assert report["all_correct"] == 1.0  # the attributes the captions mention are all right ...
+    assert report["one_shape"] == 0.5 and report["all_correct_one_shape"] == 0.5  # ... but one image has two
+    assert "one shape" in format_report(report)
+    assert read_shapes(torch.full((3, 32, 32), 128 / 255))[0]["count"] == 0
 
 
 def test_reader_tolerates_pixel_noise():

@@ -74,6 +74,8 @@ def _grid_captions(texts: list[str], report: dict) -> list[str]:
             captions.append(text + " [no shape found]")
             continue
         wrong = [f"{k}={reading[k]}" for k, ok in correct.items() if not ok]
+        if reading["count"] != 1:
+            wrong.append(f"{reading['count']} shapes")
         captions.append(text + (f" [read: {', '.join(wrong)}]" if wrong else ""))
     return captions
 
@@ -90,7 +92,8 @@ def write_results(out: str, report: dict, texts: list[str], images: Any, setting
         for t, a, r, c in zip(texts, report["attributes"], report["readings"], report["correct"])
     ]
     summary = {**settings, "n": report["n"], "accuracy": report["accuracy"], "mentioned": report["mentioned"],
-               "all_correct": report["all_correct"], "images": per_image}
+               "all_correct": report["all_correct"], "one_shape": report["one_shape"],
+               "all_correct_one_shape": report["all_correct_one_shape"], "images": per_image}
     json_path = f"{out.rstrip('/')}/eval_shapes.json"
     fs, path = fsspec.core.url_to_fs(json_path)
     fs.makedirs(fs._parent(path), exist_ok=True)

@@ -8,7 +8,9 @@ Classical image analysis, no learning, so that it can judge any generator:
 3. coverage: each pixel's fraction of shape, ``alpha``, from its projection on the line background ->
    shape colour (antialiased edges count in proportion), restricted to the main blob so that specks of
    noise elsewhere do not move the measurements;
-4. geometry from the moments of ``alpha``, which blurring and antialiasing leave almost unchanged:
+4. the number of shapes drawn: separate groups of mostly-covered pixels at least a fifth the size of the
+   largest (the data set draws exactly one; a generator may draw two);
+5. geometry from the moments of ``alpha``, which blurring and antialiasing leave almost unchanged:
    a triangle (apex up) is the only shape whose vertical profile is skewed (skewness -0.57 against 0);
    a square is told from a circle by its kurtosis along the diagonal against along the axes (2.4
    against 1.8 for a square, 2.0 both ways for a disc); the bounding-box side follows from the area and
@@ -38,6 +40,7 @@ _CANDIDATE_DISTANCE = 40.0
 _ALPHA_FLOOR = 0.05  # coverage below this is treated as noise
 _SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])  # 0.297: geometric midpoint of the classes
 _TRIANGLE_SKEW = -0.3  # triangles read about -0.57, circles and squares 0
+_MIN_BLOB_SHARE = 0.2  # a small shape has a fifth of a large one's area; specks of noise far less
 _SQUARE_KURTOSIS_GAP = 0.3  # squares read about +0.6, circles 0
 
 
@@ -131,6 +134,22 @@ def _coverage(pixels: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, tuple[int
     return alpha, (rows.start, cols.start), fg
 
 
+def _count_shapes(pixels: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> int:
+    """Number of 8-connected groups of mostly-covered pixels (3 x 3 filtered, as for the blob) with at least
+    ``_MIN_BLOB_SHARE`` of the largest group's area; smaller groups are specks, not shapes."""
+    from kornia.contrib import connected_components
+
+    direction = fg - bg
+    core = ((_box3(pixels) - bg) @ direction) / (direction @ direction) > 0.5
+    if not core.any():
+        return 0
+    height, width = core.shape
+    mask = torch.from_numpy(core).float()[None, None]
+    labels = connected_components(mask, num_iterations=height + width)  # enough to cross any group
+    _, areas = torch.unique(labels[labels > 0], return_counts=True)
+    return int((areas >= _MIN_BLOB_SHARE * areas.max()).sum())
+
+
 def _moments(alpha: np.ndarray, corner: tuple[int, int]) -> dict[str, float]:
     """Area, centroid, skewness of the vertical profile and the kurtosis gap diagonal - axis, in pixels.
 
@@ -179,11 +198,13 @@ def read_shape(pixels: np.ndarray) -> dict[str, Any]:
     bg = np.median(border, axis=0)
     reading: dict[str, Any] = dict.fromkeys(ATTRIBUTE_KEYS)
     reading["background"] = _BG_NAMES[_nearest(bg, _BG_RGB)]
+    reading["count"] = 0
     found = _coverage(pixels, bg)
     if found is None or found[0].sum() < 1.0:
         reading["measured"] = None
         return reading
     alpha, corner, fg = found
+    reading["count"] = _count_shapes(pixels, bg, fg)
     m = _moments(alpha, corner)
     if m["skew_y"] < _TRIANGLE_SKEW:
         shape, box_per_sqrt_area = "triangle", math.sqrt(4 / math.sqrt(3))  # area = sqrt(3)/4 side^2
@@ -210,7 +231,8 @@ def read_shapes(images: Any, value_range: tuple[float, float] = (0.0, 1.0)) -> l
     ``Cascade.sample`` returns; the data set's images need ``(-1, 1)``), a PIL image or a list of them.
 
     Returns one dict per image with the keys color, shape, size, position, background (names, None
-    where no shape stands out from the background) and "measured".
+    where no shape stands out from the background; the attributes are those of the largest shape),
+    "count" (shapes drawn) and "measured".
     """
     return [read_shape(pixels) for pixels in _as_array_batch(images, value_range)]
 
@@ -224,15 +246,17 @@ def score_shapes(
 
     For each attribute, the accuracy is taken over the images whose caption mentions it (``"mentioned"``;
     an attribute dict without that key counts every attribute as mentioned); ``all_correct`` is the share
-    of images with every mentioned attribute right. Returns ``{"n", "accuracy": {key: float or None},
-    "mentioned": {key: count}, "all_correct", "readings", "correct"}`` (``correct`` per image, per key).
+    of images with every mentioned attribute right, as the data set's task asks; ``one_shape`` the share
+    with exactly one shape drawn (every caption asks for one), and ``all_correct_one_shape`` the share with
+    both. Returns ``{"n", "accuracy": {key: float or None}, "mentioned": {key: count}, "all_correct",
+    "one_shape", "all_correct_one_shape", "readings", "correct"}`` (``correct`` per image, per key).
     """
     readings = read_shapes(images, value_range)
     if len(readings) != len(attributes):
         raise ValueError(f"got {len(readings)} images but {len(attributes)} attribute dicts")
     hits = {key: 0 for key in ATTRIBUTE_KEYS}
     counts = {key: 0 for key in ATTRIBUTE_KEYS}
-    all_right, correct = 0, []
+    all_right, single, both, correct = 0, 0, 0, []
     for reading, wanted in zip(readings, attributes):
         mentioned = wanted.get("mentioned", ATTRIBUTE_KEYS)
         row = {key: reading[key] == wanted[key] for key in mentioned}
@@ -240,12 +264,17 @@ def score_shapes(
             counts[key] += 1
             hits[key] += int(ok)
         all_right += int(all(row.values()))
+        single += int(reading["count"] == 1)
+        both += int(all(row.values()) and reading["count"] == 1)
         correct.append(row)
+    n = len(readings)
     return {
-        "n": len(readings),
+        "n": n,
         "accuracy": {k: (hits[k] / counts[k] if counts[k] else None) for k in ATTRIBUTE_KEYS},
         "mentioned": counts,
-        "all_correct": all_right / len(readings) if readings else None,
+        "all_correct": all_right / n if n else None,
+        "one_shape": single / n if n else None,
+        "all_correct_one_shape": both / n if n else None,
         "readings": readings,
         "correct": correct,
     }
@@ -257,6 +286,7 @@ def format_report(report: dict[str, Any]) -> str:
     for key in ATTRIBUTE_KEYS:
         acc = report["accuracy"][key]
         lines.append(f"{key:<12}{'-' if acc is None else f'{100 * acc:.1f}%':>10}{report['mentioned'][key]:>11}")
-    all_correct = report["all_correct"]
-    lines.append(f"{'all':<12}{'-' if all_correct is None else f'{100 * all_correct:.1f}%':>10}{report['n']:>11}")
+    for name, key in (("all", "all_correct"), ("one shape", "one_shape"), ("all + one", "all_correct_one_shape")):
+        value = report.get(key)
+        lines.append(f"{name:<12}{'-' if value is None else f'{100 * value:.1f}%':>10}{report['n']:>11}")
     return "\n".join(lines)
