@@ -39,7 +39,7 @@ The vocabulary follows NeMo's Imagen configs where they have a word for it (``un
     sample: {prompts: ["a red circle"], seed: 0, num_images_per_prompt: 1}
     parallel_stages:                 # optional, single-process runs: train stages 1.. in their own processes
       threads_per_stage: 1           # ... with this many torch threads each, while stage 0 trains on the rest;
-      join_at_step: 5000             # at this step stage 0 waits for them, then takes every thread (default: at its end)
+      join_at_step: 5000             # stage 0 waits for them at this step, then takes every thread (null: at its end)
 
 ``--set key=value`` overrides use dotted keys, list items by index (``stages.1.train.steps=200``); the value
 is read as YAML (``1e-4``, ``true``, ``[1, 2]``).

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
             result = trainer.fit(_loader(config, k, plan["batch_size"], seed), k, remaining, log_every=args.log_every,
                                  disable_progress=args.no_progress, on_step=on_step)
             if main:
-                print(f"stage {k}: {result['steps']} steps in {result['seconds']:.0f}s, final loss {result['loss']:.4f}")
+                print(f"stage {k}: {result['steps']} steps in {result['seconds']:.0f}s, "
+                      f"final loss {result['loss']:.4f}")
         if background is not None:
             background.join(trainer)
     finally:

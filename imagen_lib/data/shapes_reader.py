@@ -95,14 +95,15 @@ def _box3(pixels: np.ndarray) -> np.ndarray:
     return sum(padded[i : i + height, j : j + width] for i in range(3) for j in range(3)) / 9.0
 
 
-def _coverage(pixels: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, tuple[int, int], np.ndarray] | None:
+def _coverage(
+    pixels: np.ndarray, smooth: np.ndarray, bg: np.ndarray
+) -> tuple[np.ndarray, tuple[int, int], np.ndarray] | None:
     """(alpha cropped to the main blob, the crop's (top, left) corner, shape colour), or None when
     nothing stands out from the background.
 
-    The blob and its colour are found on a 3 x 3 mean-filtered copy, where pixel noise is a third as
-    strong and the shape's interior is unchanged; coverage is then measured on the original pixels.
+    The blob and its colour are found on ``smooth``, the 3 x 3 mean-filtered copy, where pixel noise is a
+    third as strong and the shape's interior is unchanged; coverage is then measured on the original pixels.
     """
-    smooth = _box3(pixels)
     distance = np.linalg.norm(smooth - bg, axis=-1)
     candidates = distance > _CANDIDATE_DISTANCE
     if not candidates.any():
@@ -134,13 +135,13 @@ def _coverage(pixels: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, tuple[int
     return alpha, (rows.start, cols.start), fg
 
 
-def _count_shapes(pixels: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> int:
+def _count_shapes(smooth: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> int:
     """Number of 8-connected groups of mostly-covered pixels (3 x 3 filtered, as for the blob) with at least
     ``_MIN_BLOB_SHARE`` of the largest group's area; smaller groups are specks, not shapes."""
     from kornia.contrib import connected_components
 
     direction = fg - bg
-    core = ((_box3(pixels) - bg) @ direction) / (direction @ direction) > 0.5
+    core = ((smooth - bg) @ direction) / (direction @ direction) > 0.5
     if not core.any():
         return 0
     height, width = core.shape
@@ -199,12 +200,13 @@ def read_shape(pixels: np.ndarray) -> dict[str, Any]:
     reading: dict[str, Any] = dict.fromkeys(ATTRIBUTE_KEYS)
     reading["background"] = _BG_NAMES[_nearest(bg, _BG_RGB)]
     reading["count"] = 0
-    found = _coverage(pixels, bg)
+    smooth = _box3(pixels)
+    found = _coverage(pixels, smooth, bg)
     if found is None or found[0].sum() < 1.0:
         reading["measured"] = None
         return reading
     alpha, corner, fg = found
-    reading["count"] = _count_shapes(pixels, bg, fg)
+    reading["count"] = _count_shapes(smooth, bg, fg)
     m = _moments(alpha, corner)
     if m["skew_y"] < _TRIANGLE_SKEW:
         shape, box_per_sqrt_area = "triangle", math.sqrt(4 / math.sqrt(3))  # area = sqrt(3)/4 side^2
