@@ -72,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
         (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     seed = int(config.get("seed") or 0)
     stages = args.stages if args.stages is not None else list(range(len(cascade.stages)))
-    todo = [(k, plan, plan["steps"] - trainer.steps[k]) for k, plan in ((k, stage_training(config, k)) for k in stages)]
-    todo = [item for item in todo if item[2] > 0]
+    todo = []  # (stage, plan, steps left)
+    for k in stages:
+        plan = stage_training(config, k)
+        if plan["steps"] > trainer.steps[k]:
+            todo.append((k, plan, plan["steps"] - trainer.steps[k]))
     parallel = parallel_settings(config)
     background = None
     if parallel is not None and len(todo) > 1 and _parallel_applies(trainer):

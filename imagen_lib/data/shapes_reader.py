@@ -265,9 +265,8 @@ def score_shapes(
         for key, ok in row.items():
             counts[key] += 1
             hits[key] += int(ok)
-        all_right += int(all(row.values()))
-        single += int(reading["count"] == 1)
-        both += int(all(row.values()) and reading["count"] == 1)
+        right, one = all(row.values()), reading["count"] == 1
+        all_right, single, both = all_right + right, single + one, both + (right and one)
         correct.append(row)
     n = len(readings)
     return {
