@@ -102,7 +102,7 @@ def matmul_peak(device: torch.device, n: int = 8192, reps: int = 30) -> dict[str
 
 def build_training(spec: dict[str, Any], device: torch.device):
     """The preset's net in a one-stage Cascade, a batch, and AdamW."""
-    from imagen_lib import presets
+    from imagen_lib.nn import presets
     from imagen_lib.cascade import Cascade, Stage
     from imagen_lib.diffusion import ElucidatedDiffusion
 
@@ -242,7 +242,7 @@ def build_t5(dtype: torch.dtype, device: torch.device):
 
 
 def build_cascade(spec: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    from imagen_lib import presets
+    from imagen_lib.nn import presets
     from imagen_lib.cascade import Cascade, SamplerSettings, Stage
     from imagen_lib.diffusion import ElucidatedDiffusion
 

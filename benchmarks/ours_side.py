@@ -54,7 +54,7 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "shapes.yaml"
 
 
 def build_network(stage: str, text_embed_dim: int = common.TEXT_EMBED_DIM) -> torch.nn.Module:
-    from imagen_lib.networks import NETWORKS
+    from imagen_lib.nn.networks import NETWORKS
 
     config = dict(CONFIGS[stage])
     kind = config.pop("kind")

@@ -11,16 +11,16 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Unet": "imagen_lib.unet",
-    "EfficientUnet": "imagen_lib.efficient_unet",
+    "Unet": "imagen_lib.nn.unet",
+    "EfficientUnet": "imagen_lib.nn.efficient_unet",
     "GaussianDiffusionContinuous": "imagen_lib.diffusion",
     "ElucidatedDiffusion": "imagen_lib.diffusion",
-    "NoiseAugmentation": "imagen_lib.noise_augment",
+    "NoiseAugmentation": "imagen_lib.diffusion.noise_augment",
     "T5TextEncoder": "imagen_lib.text",
     "Stage": "imagen_lib.cascade",
     "SamplerSettings": "imagen_lib.cascade",
     "Cascade": "imagen_lib.cascade",
-    "Trainer": "imagen_lib.trainer",
+    "Trainer": "imagen_lib.training.trainer",
     "ShapesDataset": "imagen_lib.data.shapes",
 }
 
@@ -43,8 +43,8 @@ if TYPE_CHECKING:  # static tools see the real names
     from imagen_lib.cascade import Cascade, SamplerSettings, Stage
     from imagen_lib.data.shapes import ShapesDataset
     from imagen_lib.diffusion import ElucidatedDiffusion, GaussianDiffusionContinuous
-    from imagen_lib.efficient_unet import EfficientUnet
-    from imagen_lib.noise_augment import NoiseAugmentation
+    from imagen_lib.nn.efficient_unet import EfficientUnet
+    from imagen_lib.diffusion.noise_augment import NoiseAugmentation
     from imagen_lib.text import T5TextEncoder
-    from imagen_lib.trainer import Trainer
-    from imagen_lib.unet import Unet
+    from imagen_lib.training.trainer import Trainer
+    from imagen_lib.nn.unet import Unet

@@ -1,7 +1,7 @@
 """The cascade: a text encoder (optional) and a list of stages, each a network, a diffusion process, an image
 size and sampler settings. It joins the parts and has no maths of its own: losses come from the diffusion
-processes, samplers from :mod:`imagen_lib.sampling`, guidance, thresholding and inpainting from
-:mod:`imagen_lib.guidance`, low-resolution conditioning noise from :mod:`imagen_lib.noise_augment`.
+processes, samplers from :mod:`imagen_lib.diffusion.sampling`, guidance, thresholding and inpainting from
+:mod:`imagen_lib.diffusion.guidance`, low-resolution conditioning noise from :mod:`imagen_lib.diffusion.noise_augment`.
 
 Images are in [-1, 1] for training (:meth:`Cascade.forward`) and in [0, 1] (or PIL) out of
 :meth:`Cascade.sample`.
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imagen_lib import checkpoint as ckpt
-from imagen_lib import guidance, sampling
+from imagen_lib.diffusion import guidance, sampling
 from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config
-from imagen_lib.noise_augment import NoiseAugmentation
+from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 
 CONFIG_FORMAT = "imagen_lib.cascade/1"
 
@@ -39,7 +39,7 @@ class SamplerSettings:
     """How a stage samples; every field can be overridden per call.
 
     Attributes:
-        sampler: a name in :data:`imagen_lib.sampling.SAMPLERS`; None (default) = the diffusion process's
+        sampler: a name in :data:`imagen_lib.diffusion.sampling.SAMPLERS`; None (default) = the diffusion process's
             ``default_sampler`` (``dpmpp_2m``).
         steps: sampling steps; None (default) = the process's ``default_steps`` (25).
         cond_scale: classifier-free guidance weight, default 3.0; 1.0 = no guidance (Imagen: 5-10,
@@ -96,8 +96,8 @@ class Stage:
     """One stage of a cascade.
 
     Attributes:
-        net: a network following the network protocol (:class:`~imagen_lib.unet.Unet`,
-            :class:`~imagen_lib.efficient_unet.EfficientUnet`).
+        net: a network following the network protocol (:class:`~imagen_lib.nn.unet.Unet`,
+            :class:`~imagen_lib.nn.efficient_unet.EfficientUnet`).
         diffusion: :class:`~imagen_lib.diffusion.GaussianDiffusionContinuous` or
             :class:`~imagen_lib.diffusion.ElucidatedDiffusion`.
         image_size: side of the square images this stage produces.
@@ -476,7 +476,7 @@ class Cascade(nn.Module):
     def from_config(cls, config: dict, text_encoder: Optional[nn.Module] = None, load_text_encoder: bool = True) -> "Cascade":
         """A freshly initialised cascade from :attr:`config` (the text encoder is rebuilt from its source
         unless ``text_encoder`` is given or ``load_text_encoder`` is False)."""
-        from imagen_lib.networks import network_from_config
+        from imagen_lib.nn.networks import network_from_config
 
         if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
             raise ValueError(f"config: expected a Cascade.config dict with format {CONFIG_FORMAT!r}")

@@ -209,8 +209,8 @@ def build_network(unet: Any, *, text_embed_dim: Optional[int], lowres_cond: bool
     ``{type: Unet|EfficientUnet, **kwargs}``. ``text_embed_dim`` (the text encoder's width, or the config's
     ``text_embed_dim``; None = no text) and ``lowres_cond`` (True for every stage after the first) come from
     the cascade, over a preset's values, unless the ``unet`` entry sets them itself."""
-    from imagen_lib import presets
-    from imagen_lib.networks import network_from_config
+    from imagen_lib.nn import presets
+    from imagen_lib.nn.networks import network_from_config
 
     if isinstance(unet, str):
         unet = {"preset": unet}
@@ -254,7 +254,7 @@ def build_cascade(config: dict):
     import torch
 
     from imagen_lib.cascade import Cascade, Stage
-    from imagen_lib.noise_augment import NoiseAugmentation
+    from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 
     _check_keys(config, TOP_KEYS, "config")
     stages_cfg = config.get("stages")
@@ -281,10 +281,10 @@ def build_cascade(config: dict):
 
 
 def trainer_settings(config: dict):
-    """The :class:`~imagen_lib.trainer.TrainerSettings` of the ``trainer`` block."""
+    """The :class:`~imagen_lib.training.trainer.TrainerSettings` of the ``trainer`` block."""
     import dataclasses
 
-    from imagen_lib.trainer import TrainerSettings
+    from imagen_lib.training.trainer import TrainerSettings
 
     names = {f.name for f in dataclasses.fields(TrainerSettings)}
     block = _check_keys(config.get("trainer"), names, "trainer")

@@ -185,7 +185,7 @@ def test_precache_shards_then_train_without_loading_the_encoder_and_sample_with_
 def test_trainer_does_not_reshard_split_data_and_sets_the_epoch(shards):
     from tiny_cascade import tiny_cascade
 
-    from imagen_lib.trainer import Trainer
+    from imagen_lib.training.trainer import Trainer
 
     class Recording(ShardDataset):
         epochs: list

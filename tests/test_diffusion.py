@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from imagen_lib import ElucidatedDiffusion, GaussianDiffusionContinuous, NoiseAugmentation, sampling
+from imagen_lib import ElucidatedDiffusion, GaussianDiffusionContinuous, NoiseAugmentation
+from imagen_lib.diffusion import sampling
 from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config
 
 from test_sampling import mixture_denoiser

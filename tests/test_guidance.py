@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from imagen_lib import guidance, sampling
-from imagen_lib.guidance import classifier_free_guidance, dynamic_threshold, inpaint, static_threshold, thresholded
-from imagen_lib.sampling import SAMPLERS, initial_noise, karras_sigmas
+from imagen_lib.diffusion import guidance, sampling
+from imagen_lib.diffusion.guidance import classifier_free_guidance, dynamic_threshold, inpaint, static_threshold, thresholded
+from imagen_lib.diffusion.sampling import SAMPLERS, initial_noise, karras_sigmas
 
 from test_sampling import mixture_denoiser
 

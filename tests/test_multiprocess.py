@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, sys.argv[2])
 from tiny_cascade import images, tiny_cascade
-from imagen_lib.trainer import Trainer
+from imagen_lib.training.trainer import Trainer
 
 out = sys.argv[1]
 import os

@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-from imagen_lib.attention import ImageAttention, make_text_context, position_features
-from imagen_lib.efficient_unet import EfficientUnet
-from imagen_lib.layers import NoiseEmbedding
-from imagen_lib.networks import NETWORKS, network_from_config
-from imagen_lib.unet import Unet
+from imagen_lib.nn.attention import ImageAttention, make_text_context, position_features
+from imagen_lib.nn.efficient_unet import EfficientUnet
+from imagen_lib.nn.layers import NoiseEmbedding
+from imagen_lib.nn.networks import NETWORKS, network_from_config
+from imagen_lib.nn.unet import Unet
 
 ATTENTION = ["self", "cross", "stacked", "fused"]
 TEXT_DIM = 12
@@ -358,7 +358,7 @@ def test_unet_attention_placement_by_level_and_middle():
 
 
 def test_from_nemo_reads_nemo_unet_blocks():
-    from imagen_lib.networks import from_nemo
+    from imagen_lib.nn.networks import from_nemo
 
     sr = dict(embed_dim=8, image_size=16, channels=3, channel_mult=[1, 2], num_attn_heads=2, per_head_channels=8,
               attention_type="stacked", atnn_enabled_at=[0, 1], feature_pooling_type="attention", stride=2,

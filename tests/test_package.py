@@ -1,6 +1,5 @@
-"""The package as a new user meets it: the README's commands, a fast offline import, the layering."""
+"""The package as a new user meets it: the README's commands and a fast offline import."""
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -45,37 +44,3 @@ def test_unknown_attribute_names_the_attribute():
 
     with pytest.raises(AttributeError, match="NoSuchThing"):
         imagen_lib.NoSuchThing  # noqa: B018
-
-
-# Layering (docs/architecture.md): networks never see diffusion, diffusion never sees networks.
-NETWORK_MODULES = {"layers", "attention", "conditioning", "unet", "efficient_unet", "networks", "presets"}
-MATHS_MODULES = {"sampling", "guidance", "diffusion", "diffusion_vp", "diffusion_edm", "noise_augment"}
-JOINING_MODULES = {"cascade", "trainer", "checkpoint", "config", "text", "cli", "commands", "data", "images"}
-
-
-def _imported_library_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {n.split(".")[1] for n in names if n.startswith("imagen_lib.")}
-
-
-@pytest.mark.parametrize(
-    "layer, forbidden",
-    [
-        (NETWORK_MODULES, MATHS_MODULES | JOINING_MODULES),
-        (MATHS_MODULES, NETWORK_MODULES | JOINING_MODULES),
-    ],
-    ids=["networks", "maths"],
-)
-def test_import_direction(layer, forbidden):
-    present = [PACKAGE / f"{name}.py" for name in sorted(layer) if (PACKAGE / f"{name}.py").exists()]
-    assert present, "no module of this layer exists"
-    for path in present:
-        bad = _imported_library_modules(path) & forbidden
-        assert not bad, f"{path.name} imports {sorted(bad)} across the layering of docs/architecture.md"

@@ -13,7 +13,7 @@ from imagen_lib import checkpoint as ckpt
 from imagen_lib.cli import main
 from imagen_lib.commands.train import _BackgroundStages
 from imagen_lib.config import parallel_settings
-from imagen_lib.trainer import Trainer
+from imagen_lib.training.trainer import Trainer
 
 
 def _train(tmp_path, name, steps=4, **parallel):

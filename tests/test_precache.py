@@ -123,7 +123,7 @@ def test_folder_reads_precomputed_embeddings_without_the_encoder(encoder, folder
 def _tiny_cascade(encoder):
     from imagen_lib.cascade import Cascade, SamplerSettings, Stage
     from imagen_lib.diffusion import ElucidatedDiffusion
-    from imagen_lib.unet import Unet
+    from imagen_lib.nn.unet import Unet
 
     torch.manual_seed(0)
     net = Unet(
@@ -134,7 +134,7 @@ def _tiny_cascade(encoder):
 
 
 def test_training_on_precomputed_embeddings_matches_online_encoding(encoder, folder, tmp_path):
-    from imagen_lib.trainer import Trainer
+    from imagen_lib.training.trainer import Trainer
 
     precache_captions(encoder, ImageTextFolder(folder, image_size=16).captions(), tmp_path / "s", progress=False)
     online = ImageTextFolder(folder, image_size=16)

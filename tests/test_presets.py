@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from imagen_lib import presets
-from imagen_lib.efficient_unet import EfficientUnet
-from imagen_lib.networks import network_from_config
-from imagen_lib.unet import Unet
+from imagen_lib.nn import presets
+from imagen_lib.nn.efficient_unet import EfficientUnet
+from imagen_lib.nn.networks import network_from_config
+from imagen_lib.nn.unet import Unet
 
 # NeMo's Imagen table (seed 000): preset -> (class, stated size in millions)
 REFERENCE = {

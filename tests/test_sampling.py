@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from imagen_lib import sampling
-from imagen_lib.sampling import SAMPLERS, initial_noise, karras_sigmas, log_snr_sigmas, randn
+from imagen_lib.diffusion import sampling
+from imagen_lib.diffusion.sampling import SAMPLERS, initial_noise, karras_sigmas, log_snr_sigmas, randn
 
 # a 1-D two-mode mixture: weights, means, stds
 WEIGHTS, MEANS, STDS = (0.3, 0.7), (-1.0, 1.0), (0.15, 0.15)

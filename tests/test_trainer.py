@@ -8,7 +8,7 @@ from tiny_cascade import T5_KWARGS, images, tiny_cascade
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.cascade import Cascade
 from imagen_lib.text import T5TextEncoder
-from imagen_lib.trainer import Trainer, TrainerSettings, lr_factor
+from imagen_lib.training.trainer import Trainer, TrainerSettings, lr_factor
 
 FAST_EMA = {"ema_update_after_step": 0, "ema_update_every": 1}  # the EMA lags from the third step on
 

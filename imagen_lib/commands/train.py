@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from imagen_lib import checkpoint as ckpt
     from imagen_lib.config import (apply_overrides, build_cascade, load_config, parallel_settings, sample_settings,
                                    stage_training, trainer_settings)
-    from imagen_lib.trainer import Trainer
+    from imagen_lib.training.trainer import Trainer
 
     start = time.time()
     config = apply_overrides(load_config(args.config), args.overrides)
@@ -206,7 +206,7 @@ def _train_stage_in_process(*, config: dict, stage: int, batch_size: int, steps:
 
     torch.set_num_threads(threads)
     from imagen_lib.config import build_cascade, trainer_settings
-    from imagen_lib.trainer import Trainer
+    from imagen_lib.training.trainer import Trainer
 
     trainer = Trainer(build_cascade(config), settings=trainer_settings(config), cpu=cpu)
     if resume_from:

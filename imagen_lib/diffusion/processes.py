@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imagen_lib import sampling
-from imagen_lib.sampling import Generator
+from imagen_lib.diffusion import sampling
+from imagen_lib.diffusion.sampling import Generator
 
 Net = Callable[..., Tensor]
 LossType = Literal["l1", "l2", "huber"]

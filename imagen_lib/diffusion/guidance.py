@@ -11,8 +11,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from imagen_lib import sampling
-from imagen_lib.sampling import Denoiser, Generator
+from imagen_lib.diffusion import sampling
+from imagen_lib.diffusion.sampling import Denoiser, Generator
 
 # torch.quantile refuses inputs above 2**24 elements; larger batches are thresholded row by row
 _QUANTILE_MAX = 2**24

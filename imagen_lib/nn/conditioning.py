@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imagen_lib.attention import TextContext, make_text_context
-from imagen_lib.layers import NoiseEmbedding, mlp
+from imagen_lib.nn.attention import TextContext, make_text_context
+from imagen_lib.nn.layers import NoiseEmbedding, mlp
 
 PoolingType = Literal["attention", "mean"]
 

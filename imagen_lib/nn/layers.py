@@ -1,4 +1,4 @@
-"""Building blocks shared by :class:`~imagen_lib.unet.Unet` and :class:`~imagen_lib.efficient_unet.EfficientUnet`.
+"""Building blocks shared by :class:`~imagen_lib.nn.unet.Unet` and :class:`~imagen_lib.nn.efficient_unet.EfficientUnet`.
 
 Smallest pieces first: normalisation, the noise-level embedding, resampling, the residual block.
 Only torch is used here; nothing knows about diffusion.

@@ -30,8 +30,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from imagen_lib.efficient_unet import EfficientUnet
-from imagen_lib.unet import Unet
+from imagen_lib.nn.efficient_unet import EfficientUnet
+from imagen_lib.nn.unet import Unet
 
 _BASE64 = dict(image_size=64, channel_mult=[1, 2, 3, 4], num_res_blocks=3, attention_type="fused",
                attention_resolutions=[32, 16, 8], num_attn_heads=4, per_head_channels=64,

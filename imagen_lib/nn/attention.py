@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imagen_lib.layers import group_norm, zero_
+from imagen_lib.nn.layers import group_norm, zero_
 
 AttentionType = Literal["self", "cross", "stacked", "fused"]
 ATTENTION_TYPES = ("self", "cross", "stacked", "fused")

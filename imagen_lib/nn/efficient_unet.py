@@ -21,10 +21,10 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
-from imagen_lib.attention import AttentionType
-from imagen_lib.conditioning import PoolingType
-from imagen_lib.layers import Downsample, ResBlock, Upsample, per_level
-from imagen_lib.unet import UnetBase
+from imagen_lib.nn.attention import AttentionType
+from imagen_lib.nn.conditioning import PoolingType
+from imagen_lib.nn.layers import Downsample, ResBlock, Upsample, per_level
+from imagen_lib.nn.unet import UnetBase
 
 
 class _Level(nn.Module):
@@ -64,7 +64,7 @@ class EfficientUnet(UnetBase):
         text_embed_dim (1024), cond_on_text (True), feature_pooling_type ("attention"),
         learned_sinu_pos_emb_dim (0), dropout (0.0), use_null_token (True), init_conv_kernel_size (3),
         gradient_checkpointing (False), scale_shift_norm (True), resample_with_conv (True),
-        stable_attention (False), attention_pos_emb (False): as for :class:`~imagen_lib.unet.Unet`.
+        stable_attention (False), attention_pos_emb (False): as for :class:`~imagen_lib.nn.unet.Unet`.
         skip_connection_scaling: scale skip sums by 1/sqrt(2) (True, the paper).
         lowres_cond: super-resolution mode (True: this is what the Efficient U-Net is for).
     """

@@ -9,8 +9,8 @@ from typing import Any, Literal, Union
 
 from torch import nn
 
-from imagen_lib.efficient_unet import EfficientUnet
-from imagen_lib.unet import Unet
+from imagen_lib.nn.efficient_unet import EfficientUnet
+from imagen_lib.nn.unet import Unet
 
 NETWORKS: dict[str, type[nn.Module]] = {"Unet": Unet, "EfficientUnet": EfficientUnet}
 

@@ -13,9 +13,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from imagen_lib.attention import ATTENTION_TYPES, AttentionBlock, AttentionType
-from imagen_lib.conditioning import Conditioning, PoolingType
-from imagen_lib.layers import (Downsample, ResBlock, Step, Upsample, group_norm, heads_for, per_level,
+from imagen_lib.nn.attention import ATTENTION_TYPES, AttentionBlock, AttentionType
+from imagen_lib.nn.conditioning import Conditioning, PoolingType
+from imagen_lib.nn.layers import (Downsample, ResBlock, Step, Upsample, group_norm, heads_for, per_level,
                                run_checkpointed, zero_)
 
 

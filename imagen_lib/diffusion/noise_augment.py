@@ -10,8 +10,8 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor
 
-from imagen_lib import sampling
-from imagen_lib.sampling import Generator
+from imagen_lib.diffusion import sampling
+from imagen_lib.diffusion.sampling import Generator
 
 
 class NoiseAugmentation:
