@@ -36,9 +36,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 import common
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # imagen_lib from this checkout, installed or not
@@ -102,9 +101,9 @@ def matmul_peak(device: torch.device, n: int = 8192, reps: int = 30) -> dict[str
 
 def build_training(spec: dict[str, Any], device: torch.device):
     """The preset's net in a one-stage Cascade, a batch, and AdamW."""
-    from imagen_lib.nn import presets
     from imagen_lib.cascade import Cascade, Stage
     from imagen_lib.diffusion import ElucidatedDiffusion
+    from imagen_lib.nn import presets
 
     opts = spec["variant"].split("+")
     torch.manual_seed(0)
@@ -242,9 +241,9 @@ def build_t5(dtype: torch.dtype, device: torch.device):
 
 
 def build_cascade(spec: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    from imagen_lib.nn import presets
     from imagen_lib.cascade import Cascade, SamplerSettings, Stage
     from imagen_lib.diffusion import ElucidatedDiffusion
+    from imagen_lib.nn import presets
 
     torch.manual_seed(0)
     stages = []

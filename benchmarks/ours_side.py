@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import common
+import torch
 
 # Networks sized to the peer's parameter counts (within 10%; run.py prints both). They use what our
 # architecture is built for: the EfficientUnet layout (more blocks and channels at low resolution, few at

@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import common
+import torch
 
 HERE = Path(__file__).resolve().parent
 

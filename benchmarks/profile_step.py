@@ -10,10 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import common
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-import common
 
 STAGE_SIZE = {"base": 32, "sr": 64}
 

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import common
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 

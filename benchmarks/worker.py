@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import common
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_SIZE = {"base": 32, "sr": 64}

@@ -25,9 +25,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from imagen_lib import Trainer
 from imagen_lib import checkpoint as ckpt
 from imagen_lib import config as cfg
-from imagen_lib import Trainer
 
 
 def stage_choice(value: str):

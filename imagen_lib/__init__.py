@@ -43,8 +43,8 @@ if TYPE_CHECKING:  # static tools see the real names
     from imagen_lib.cascade import Cascade, SamplerSettings, Stage
     from imagen_lib.data.shapes import ShapesDataset
     from imagen_lib.diffusion import ElucidatedDiffusion, GaussianDiffusionContinuous
-    from imagen_lib.nn.efficient_unet import EfficientUnet
     from imagen_lib.diffusion.noise_augment import NoiseAugmentation
+    from imagen_lib.nn.efficient_unet import EfficientUnet
+    from imagen_lib.nn.unet import Unet
     from imagen_lib.text import T5TextEncoder
     from imagen_lib.training.trainer import Trainer
-    from imagen_lib.nn.unet import Unet

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imagen_lib import checkpoint as ckpt
-from imagen_lib.diffusion import guidance, sampling
-from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config
+from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config, guidance, sampling
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 
 CONFIG_FORMAT = "imagen_lib.cascade/1"

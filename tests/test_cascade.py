@@ -3,12 +3,11 @@ configuration and checkpoints, on a tiny 8 -> 16 px cascade."""
 
 import pytest
 import torch
-from tiny_cascade import TEXT_DIM, images, tiny_cascade
+from tiny_cascade import T5_KWARGS, TEXT_DIM, images, tiny_cascade
 
 from imagen_lib.cascade import Cascade, SamplerSettings, Stage, random_crops, resize
 from imagen_lib.diffusion import ElucidatedDiffusion
 from imagen_lib.text import T5TextEncoder
-from tiny_cascade import T5_KWARGS
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,10 @@ import math
 
 import pytest
 import torch
+from test_sampling import mixture_denoiser
 
 from imagen_lib import ElucidatedDiffusion, GaussianDiffusionContinuous, NoiseAugmentation
-from imagen_lib.diffusion import sampling
-from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config
-
-from test_sampling import mixture_denoiser
+from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config, sampling
 
 F64 = torch.float64
 

@@ -12,8 +12,19 @@ import math
 import pytest
 import torch
 
-from imagen_lib import (Cascade, EfficientUnet, ElucidatedDiffusion, GaussianDiffusionContinuous, NoiseAugmentation,
-                        SamplerSettings, ShapesDataset, Stage, T5TextEncoder, Trainer, Unet)
+from imagen_lib import (
+    Cascade,
+    EfficientUnet,
+    ElucidatedDiffusion,
+    GaussianDiffusionContinuous,
+    NoiseAugmentation,
+    SamplerSettings,
+    ShapesDataset,
+    Stage,
+    T5TextEncoder,
+    Trainer,
+    Unet,
+)
 from imagen_lib.diffusion.sampling import SAMPLERS, karras_sigmas
 
 # float32 reproduces these to ~1e-7 on one CPU kind; the tolerance leaves room for another CPU's kernels

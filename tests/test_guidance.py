@@ -4,12 +4,17 @@ import math
 
 import pytest
 import torch
+from test_sampling import mixture_denoiser
 
 from imagen_lib.diffusion import guidance, sampling
-from imagen_lib.diffusion.guidance import classifier_free_guidance, dynamic_threshold, inpaint, static_threshold, thresholded
+from imagen_lib.diffusion.guidance import (
+    classifier_free_guidance,
+    dynamic_threshold,
+    inpaint,
+    static_threshold,
+    thresholded,
+)
 from imagen_lib.diffusion.sampling import SAMPLERS, initial_noise, karras_sigmas
-
-from test_sampling import mixture_denoiser
 
 
 def doubled_denoiser(cond_offset, uncond_offset, calls):

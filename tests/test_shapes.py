@@ -247,8 +247,8 @@ def test_eval_shapes_command_on_a_checkpoint(tmp_path, capsys):
     from imagen_lib.cascade import Cascade, SamplerSettings, Stage
     from imagen_lib.cli import main
     from imagen_lib.diffusion import ElucidatedDiffusion
-    from imagen_lib.text import T5TextEncoder
     from imagen_lib.nn.unet import Unet
+    from imagen_lib.text import T5TextEncoder
 
     encoder = T5TextEncoder.build_tiny(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, max_length=80)
     net = Unet(

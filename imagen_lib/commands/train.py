@@ -50,8 +50,15 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from imagen_lib import checkpoint as ckpt
-    from imagen_lib.config import (apply_overrides, build_cascade, load_config, parallel_settings, sample_settings,
-                                   stage_training, trainer_settings)
+    from imagen_lib.config import (
+        apply_overrides,
+        build_cascade,
+        load_config,
+        parallel_settings,
+        sample_settings,
+        stage_training,
+        trainer_settings,
+    )
     from imagen_lib.training.trainer import Trainer
 
     start = time.time()

@@ -45,7 +45,7 @@ def __dir__():
 if TYPE_CHECKING:
     from imagen_lib.data.folder import ImageTextFolder, collate_image_text
     from imagen_lib.data.precache import EmbeddingStore, fit_token_length, precache_captions, precache_shards
-    from imagen_lib.data.shards import ShardDataset, expand_urls, write_shards
-    from imagen_lib.data.transforms import ImageTransform
     from imagen_lib.data.shapes import ShapesDataset, collate_shapes, render, render_batch, sample_captions
     from imagen_lib.data.shapes_reader import read_shapes, score_shapes
+    from imagen_lib.data.shards import ShardDataset, expand_urls, write_shards
+    from imagen_lib.data.transforms import ImageTransform

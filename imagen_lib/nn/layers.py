@@ -10,8 +10,8 @@ import math
 from typing import Literal, Optional
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 

@@ -15,8 +15,17 @@ from torch import Tensor, nn
 
 from imagen_lib.nn.attention import ATTENTION_TYPES, AttentionBlock, AttentionType
 from imagen_lib.nn.conditioning import Conditioning, PoolingType
-from imagen_lib.nn.layers import (Downsample, ResBlock, Step, Upsample, group_norm, heads_for, per_level,
-                               run_checkpointed, zero_)
+from imagen_lib.nn.layers import (
+    Downsample,
+    ResBlock,
+    Step,
+    Upsample,
+    group_norm,
+    heads_for,
+    per_level,
+    run_checkpointed,
+    zero_,
+)
 
 
 class UnetBase(nn.Module):

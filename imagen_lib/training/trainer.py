@@ -147,9 +147,8 @@ class Trainer:
         import os
 
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
 
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if distributed and not torch.cuda.is_available():
