@@ -18,6 +18,10 @@ def _readme_commands() -> list[str]:
 
 
 def test_readme_opens_with_the_main_job_and_the_test_command():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert [line for line in lines[: lines.index("```bash")] if line.strip()] == ["# imagen_lib"], (
+        "the README should open with its title and then the bash block of the two commands"
+    )
     main_job, test_command = _readme_commands()
     assert "imagen-lib train" in main_job and "pip install -q torch==2.13.0" in main_job
     assert "pytest" in test_command and "torch==2.13.0" in test_command
