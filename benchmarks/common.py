@@ -3,14 +3,18 @@ imports in the peer's virtual environment as well as in ours.
 
 - ``caption_embeddings``: the precomputed text embeddings both libraries are fed (no T5 weights are needed:
   each word has a fixed pseudo-random vector, so captions are told apart and the work per image matches).
-- ``matmul_peak_flops``: the machine's fp32 (or bf16 on a GPU) matrix-multiply rate, measured in-process.
+- ``matmul_peak_flops`` / ``matmul_seconds``: the machine's fp32 (or bf16 on a GPU) matrix-multiply rate,
+  measured in-process.
 - ``count_flops``: FLOPs of one call, with ``torch.utils.flop_counter.FlopCounterMode``.
 - ``time_loop``: wall-clock timing of a repeated step with warm-up, synchronising a GPU when there is one.
 - ``peak_rss_mib``: the process's peak resident memory.
+- ``Side``: what both libraries' sides (ours_side.py, peer_side.py) offer the measurements, with the shared
+  optimiser step.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 import re
 import resource
@@ -73,23 +77,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_seconds(
+    device: torch.device, dtype: torch.dtype, n: int, *, products: int = 1, warmup: int = 1, iters: int = 1,
+    min_seconds: float = 0.0,
+) -> list[float]:
+    """Seconds of each timed call of ``products`` back-to-back n x n x n ``torch.mm`` products (2 n^3 FLOPs
+    each), after ``warmup`` untimed calls; at least ``iters`` calls and ``min_seconds`` (see ``time_loop``)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def call() -> None:
+        for _ in range(products):
+            torch.mm(a, b)
+
+    return time_loop(call, device, warmup, iters, min_seconds)
+
+
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.5) -> float:
-    """The best FLOP/s of square matrix multiplies (n = 1024 and 2048 on CPU, 8192 on GPU) over ``seconds``."""
+    """The best FLOP/s of square matrix multiplies timed three at a time (n = 1024 and 2048 on CPU, 8192 on
+    GPU) over ``seconds``."""
     sizes = (8192,) if device.type == "cuda" else (1024, 2048)
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        torch.mm(a, b)  # warm-up: thread pool, kernel choice
-        synchronize(device)
-        deadline = time.perf_counter() + seconds / len(sizes)
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            for _ in range(3):
-                torch.mm(a, b)
-            synchronize(device)
-            best = max(best, 3 * 2 * n**3 / (time.perf_counter() - start))
-    return best
+    times = {n: matmul_seconds(device, dtype, n, products=3, min_seconds=seconds / len(sizes)) for n in sizes}
+    return max(3 * 2 * n**3 / min(t) for n, t in times.items())
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -99,8 +108,11 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def time_loop(step: Callable[[], Any], device: torch.device, warmup: int, iters: int, min_seconds: float = 0.0) -> list[float]:
-    """Seconds per call of ``step`` after ``warmup`` untimed calls; at least ``iters`` calls and ``min_seconds``."""
+def time_loop(
+    step: Callable[[], Any], device: torch.device, warmup: int, iters: int, min_seconds: float = 0.0
+) -> list[float]:
+    """Seconds per call of ``step`` after ``warmup`` untimed calls; at least ``iters`` calls and
+    ``min_seconds``."""
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -115,18 +127,67 @@ def time_loop(step: Callable[[], Any], device: torch.device, warmup: int, iters:
     return times
 
 
-def adam_step(net: torch.nn.Module, optimizers: dict, key: str, lr: float, loss_fn: Callable[[], torch.Tensor]) -> float:
-    """One optimiser step as both libraries' trainers take it: Adam (betas 0.9, 0.99; created on first use
-    under ``optimizers[key]``), gradient clipping at 1.0. Returns the loss."""
-    if key not in optimizers:
-        optimizers[key] = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8)
-    optimizer = optimizers[key]
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-    optimizer.step()
-    return float(loss.detach())
+class Side(abc.ABC):
+    """One library as the benchmark drives it (worker.py, quality.py, profile_step.py): one stage's network
+    (``"base"`` or ``"sr"``), its training loss and optimiser step, and sampling of its two-stage cascade.
+    ``optimizers`` holds one optimiser per stage, made by that stage's first step at the rate ``lr``."""
+
+    name = ""
+    image_sizes: dict[str, int]  # stage -> side of its images
+
+    def __init__(self, device: torch.device, lr: float):
+        self.device, self.lr = device, lr
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    @abc.abstractmethod
+    def network(self, stage: str) -> torch.nn.Module:
+        """The network of ``stage``."""
+
+    @abc.abstractmethod
+    def loss(
+        self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The training loss of ``stage`` on ``images`` in [-1, 1] at the stage's size (each library makes the
+        super-resolution stage's low-resolution input itself)."""
+
+    def step(self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> float:
+        """One optimiser step as both libraries' trainers take it: Adam (betas 0.9, 0.99), gradient clipping
+        at 1.0. Returns the loss."""
+        net = self.network(stage)
+        if stage not in self.optimizers:
+            self.optimizers[stage] = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.9, 0.99), eps=1e-8)
+        optimizer = self.optimizers[stage]
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(stage, images, text_embeds, text_mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def sample(
+        self, text_embeds: torch.Tensor, text_mask: torch.Tensor, *, cond_scale: float = 3.0, steps: int = 32,
+        sampler: str = "heun", seed: int = 0,
+    ) -> torch.Tensor:
+        """Images (B, 3, 64, 64) in [0, 1] from the two-stage cascade with ``sampler`` (default "heun") at
+        ``steps`` steps per stage (default 32) and guidance ``cond_scale`` (default 3), seeded."""
+        return self._sample(text_embeds, text_mask, cond_scale=cond_scale, steps=steps, sampler=sampler, seed=seed)
+
+    @abc.abstractmethod
+    def _sample(
+        self, text_embeds: torch.Tensor, text_mask: torch.Tensor, *, cond_scale: float, steps: int, sampler: str,
+        seed: int,
+    ) -> torch.Tensor:
+        """What :meth:`sample` runs, under ``torch.no_grad``."""
+
+
+def parse_samplers(text: str) -> list[tuple[str, int]]:
+    """``heun:32,dpmpp_2m:12`` -> [("heun", 32), ("dpmpp_2m", 12)]."""
+    out = []
+    for item in text.split(","):
+        name, _, steps = item.partition(":")
+        out.append((name.strip(), int(steps)))
+    return out
 
 
 def peak_rss_mib() -> float:

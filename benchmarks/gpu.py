@@ -1,10 +1,10 @@
 """The GPU part of the benchmarks: bf16 matmul peak, MFU of a base64-500m training step, cascade memory.
 
     python benchmarks/gpu.py --out benchmarks/results_gpu.json                  # on a CUDA machine
-    python benchmarks/gpu.py --device cpu --smoke --out /tmp/gpu_smoke.json     # seconds, tiny presets
+    python benchmarks/gpu.py --device cpu --smoke --out /tmp/gpu_smoke.json     # minutes, tiny presets
 
-Three measurements, each case in a fresh child process (so peak memory is its own and an out-of-memory
-error ends only that case):
+Three measurements, each case in a fresh child process (``gpu.py --child SPEC``, by the harness's protocol in
+child.py: its peak memory is its own and an out-of-memory error ends only that case):
 
 1. ``peak``: the best and median bf16 ``torch.mm`` rate at n = 8192 after a warm-up.
 2. ``train``: one optimiser step of ``--preset`` (``base64-500m``) through our ``Cascade`` /
@@ -21,7 +21,7 @@ error ends only that case):
    a randomly initialised T5-11B encoder (NeMo's text encoder, width 1024) resident in the same dtype and
    encodes the prompts with it, as NeMo's inference does.
 
-Prints a Markdown table per section and writes everything to ``--out`` (JSON).
+Prints a Markdown table per section (``report.gpu_tables``) and writes everything to ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -29,22 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+import child
 import common
+import report
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # imagen_lib from this checkout, installed or not
-
-DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM (NVIDIA's datasheet), for context only
-# NeMo's Imagen inference memory (seed 002, E.3.1 FP16): GB at batch 1 / 8 per output size
-NEMO_FP16_GB = {64: (11.7, 11.9), 256: (12.5, 13.0), 1024: (14.1, 21.6)}
 # T5-11B's encoder (the original T5, d_model 1024): what NeMo's Imagen encodes text with
 T5_11B = dict(vocab_size=32128, d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128,
               feed_forward_proj="relu", dropout_rate=0.0)
@@ -85,10 +80,7 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 def matmul_peak(device: torch.device, n: int = 8192, reps: int = 30) -> dict[str, Any]:
     """bf16 (fp32 on CPU) ``torch.mm`` FLOP/s at n x n x n: best and median of ``reps`` timed products."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(5):  # warm-up: kernel choice, clocks up
-        torch.mm(a, b)
-    times = common.time_loop(lambda: torch.mm(a, b), device, warmup=0, iters=reps)
+    times = common.matmul_seconds(device, dtype, n, warmup=5, iters=reps)  # warm-up: kernel choice, clocks up
     flops = 2 * n**3
     return {"n": n, "dtype": str(dtype), "reps": reps, "best_flops": flops / min(times),
             "median_flops": flops / common.median(times)}
@@ -293,7 +285,7 @@ def sample_case(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# child processes and the report
+# child processes
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -313,77 +305,19 @@ def child_main(spec: dict[str, Any]) -> None:
         result = {"oom": True, "error": str(err).splitlines()[0][:300]}
     except Exception as err:  # reported, so that one failing case does not hide the others
         result = {"error": f"{type(err).__name__}: {str(err)[:2000]}", "traceback": traceback.format_exc()[-4000:]}
-    print("RESULT " + json.dumps({**spec, **result}), flush=True)
+    child.print_result({**spec, **result})
 
 
-def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_case(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one case in a fresh ``gpu.py --child`` process (child.py's protocol); a failure becomes its row."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        return {**spec, "error": f"child exited with {proc.returncode}", "stderr": proc.stderr[-4000:]}
-    result = json.loads(lines[-1][len("RESULT "):])
+        result = child.run_child(cmd, timeout=timeout)
+    except child.ChildFailed as err:
+        return {**spec, "error": str(err), "output": err.output}
     result["child_wall_s"] = time.perf_counter() - start
     return result
-
-
-def fmt(value: Optional[float], digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
-
-
-def failure(row: dict[str, Any]) -> str:
-    """Why a case has no numbers, for its table row."""
-    return "out of memory" if row.get("oom") else row.get("error", "failed")[:80]
-
-
-def train_table(rows: list[dict[str, Any]], peak: float) -> str:
-    lines = ["| variant | batch | images/s | step (ms) | TFLOP/image | TFLOP/s | MFU (measured peak) | "
-             "peak allocated (GiB) | first step (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "images_per_s" not in r:
-            lines.append(f"| {r['variant']} | {r['batch']} | {failure(r)} | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['variant']} | {r['batch']} | {fmt(r['images_per_s'])} | {fmt(1e3 * r['median_step_s'])} | "
-            f"{fmt(r['flops_per_image'] / 1e12)} | {fmt(r['achieved_flops'] / 1e12)} | "
-            f"**{100 * r['achieved_flops'] / peak:.1f}%** | {fmt(r.get('max_allocated_gib'))} | "
-            f"{fmt(r['first_step_s'])} |")
-    return "\n".join(lines)
-
-
-def sample_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| mode | output | batch | peak allocated (GiB) | device in use (GiB) | weights (GiB) | "
-             "NeMo FP16 (GB) | s / image set | s / image |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        size = r["sizes"][r["stages"] - 1]
-        nemo = NEMO_FP16_GB.get(size, (None, None))[0 if r["batch"] == 1 else 1] if r["batch"] in (1, 8) else None
-        if "seconds_per_set" not in r:
-            lines.append(f"| {r['mode']} | {size} | {r['batch']} | {failure(r)} | | | {fmt(nemo)} | | |")
-            continue
-        lines.append(
-            f"| {r['mode']} | {size} | {r['batch']} | {fmt(r.get('max_allocated_gib'))} | "
-            f"{fmt(r.get('device_used_gib'))} | {fmt(r['weights_gib'])} | {fmt(nemo)} | "
-            f"{fmt(r['seconds_per_set'])} | {fmt(r['seconds_per_image'])} |")
-    return "\n".join(lines)
-
-
-def profile_lines(rows: list[dict[str, Any]]) -> str:
-    out = []
-    for r in rows:
-        prof = r.get("profile")
-        if not prof:
-            continue
-        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["by_kind"].items())
-        top = "; ".join(f"`{k['name'][:60]}` {100 * k['share']:.0f}%" for k in prof["top_kernels"][:6])
-        out.append(f"- {r['variant']}@{r['batch']}: GPU kernels busy {100 * prof['gpu_busy']:.0f}% of the step; "
-                   f"kernel time by kind: {kinds}. Top kernels: {top}")
-    return "\n".join(out)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -459,22 +393,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def report(results: dict[str, Any]) -> str:
-    env, peak = results["environment"], results.get("peak") or {}
-    peak_flops = peak.get("best_flops")
-    parts = [f"Device: {env['device_name']}; torch {env['torch']}; started {env['started']}."]
-    if peak_flops:
-        sheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in env["device_name"]), None)
-        parts.append(f"Measured {peak['dtype']} mm peak (n={peak['n']}): best {peak_flops / 1e12:.0f} TFLOP/s, "
-                     f"median {peak['median_flops'] / 1e12:.0f} TFLOP/s"
-                     + (f" (datasheet dense bf16: {sheet:.0f})." if sheet else "."))
-    if results.get("train") and peak_flops:
-        parts += ["", train_table(results["train"], peak_flops), "", profile_lines(results["train"])]
-    if results.get("sample"):
-        parts += ["", sample_table(results["sample"])]
-    return "\n".join(parts)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -485,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for spec in case_specs(args):
-        result = run_child(spec, args.child_timeout)
+        result = run_case(spec, args.child_timeout)
         if spec["task"] == "peak":
             results["peak"] = result
         else:
@@ -494,7 +412,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                             "max_allocated_gib", "seconds_per_set", "best_flops", "error")}
         print(json.dumps({k: v for k, v in brief.items() if v is not None}), flush=True)
         out.write_text(json.dumps(results, indent=1))  # after every case: a time-out keeps what was measured
-    print(report(results))
+    print(report.gpu_tables(results))
 
 
 if __name__ == "__main__":

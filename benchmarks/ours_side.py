@@ -1,10 +1,10 @@
 """Our side of the benchmark: imagen_lib's ``Cascade`` of two stages with ``ElucidatedDiffusion`` (the same
 process as the peer's ``ElucidatedImagen``), fed the same precomputed text embeddings.
 
-The optimiser step mirrors peer_side.PeerSide (Adam, lr given, betas (0.9, 0.99), gradient clipping 1.0);
-the loss is ``Cascade.forward`` (text dropout 0.1, noise-augmented low-resolution input for the SR stage,
-EDM loss), i.e. the work our Trainer does per step minus its EMA and accelerate bookkeeping, which the
-peer's side leaves out as well.
+The optimiser step is the one both sides share (``common.Side.step``: Adam, lr given, betas (0.9, 0.99),
+gradient clipping 1.0); the loss is ``Cascade.forward`` (text dropout 0.1, noise-augmented low-resolution
+input for the SR stage, EDM loss), i.e. the work our Trainer does per step minus its EMA and accelerate
+bookkeeping, which the peer's side leaves out as well.
 """
 
 from __future__ import annotations
@@ -84,46 +84,34 @@ def build_quickstart_cascade():
     return from_config(config)
 
 
-class OursSide:
-    """One optimiser step of one stage, and sampling of the two-stage cascade."""
+class OursSide(common.Side):
+    """Our cascade on the benchmark's protocol: one stage's loss through ``Cascade.forward``, and sampling."""
 
     name = "imagen_lib"
 
     def __init__(self, device: torch.device, lr: float = 1e-4, recipe: str = "matched"):
         if recipe not in RECIPES:
             raise ValueError(f"recipe: expected one of {RECIPES}, got {recipe!r}")
-        self.device = device
+        super().__init__(device, lr)
         self.recipe = recipe
         self.cascade = (build_cascade() if recipe == "matched" else build_quickstart_cascade()).to(device)
         self.image_sizes = {s: st.image_size for s, st in zip(STAGES, self.cascade.stages)}
-        self.lr = lr
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
     def network(self, stage: str) -> torch.nn.Module:
         return self.cascade.stages[STAGES.index(stage)].net
 
-    def loss(self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         """``images`` in [-1, 1] at the stage's size (the cascade makes the SR stage's low-resolution input)."""
         self.cascade.train()
         return self.cascade(images, text_embeds=text_embeds, text_mask=text_mask, stage=STAGES.index(stage))
 
-    def step(self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> float:
-        return common.adam_step(self.network(stage), self.optimizers, stage, self.lr,
-                                lambda: self.loss(stage, images, text_embeds, text_mask))
-
-    @torch.no_grad()
-    def sample(
-        self,
-        text_embeds: torch.Tensor,
-        text_mask: torch.Tensor,
-        *,
-        cond_scale: float = 3.0,
-        steps: int = 32,
-        sampler: str = "heun",
-        seed: int = 0,
+    def _sample(
+        self, text_embeds: torch.Tensor, text_mask: torch.Tensor, *, cond_scale: float, steps: int, sampler: str,
+        seed: int,
     ) -> torch.Tensor:
-        """Images (B, 3, 64, 64) in [0, 1]. ``sampler="own"``: each stage's own sampler settings (sampler,
-        steps and cond_scale of its config)."""
+        """``sampler="own"``: each stage's own sampler settings (sampler, steps and cond_scale of its config)."""
         if sampler == "own":
             return self.cascade.sample(text_embeds=text_embeds, text_mask=text_mask, seed=seed, disable_progress=True)
         return self.cascade.sample(

@@ -23,29 +23,12 @@ HERE = Path(__file__).resolve().parent
 # Networks of the peer's own design (its BaseUnet64 / SRUnet256 recipes, scaled down to CPU size):
 # attention and cross-attention at every level but the first for the base stage, cross-attention only at
 # the lowest level for super-resolution, as its presets do. Parameter counts are printed by the harness.
+SHARED = dict(dim=32, dim_mults=(1, 2, 4), attn_heads=4, attn_dim_head=32, ff_mult=2.0)
 CONFIGS: dict[str, dict[str, Any]] = {
-    "base": dict(
-        dim=32,
-        dim_mults=(1, 2, 4),
-        num_resnet_blocks=2,
-        layer_attns=(False, True, True),
-        layer_cross_attns=(False, True, True),
-        attn_heads=4,
-        attn_dim_head=32,
-        ff_mult=2.0,
-        memory_efficient=False,
-    ),
-    "sr": dict(
-        dim=32,
-        dim_mults=(1, 2, 4),
-        num_resnet_blocks=(1, 2, 2),
-        layer_attns=(False, False, True),
-        layer_cross_attns=(False, False, True),
-        attn_heads=4,
-        attn_dim_head=32,
-        ff_mult=2.0,
-        memory_efficient=True,
-    ),
+    "base": dict(SHARED, num_resnet_blocks=2, layer_attns=(False, True, True), layer_cross_attns=(False, True, True),
+                 memory_efficient=False),
+    "sr": dict(SHARED, num_resnet_blocks=(1, 2, 2), layer_attns=(False, False, True),
+               layer_cross_attns=(False, False, True), memory_efficient=True),
 }
 IMAGE_SIZES = (32, 64)
 STAGES = ("base", "sr")
@@ -86,7 +69,7 @@ def build_imagen(text_embed_dim: int = 768, cond_drop_prob: float = 0.1):
     """The two-stage ``ElucidatedImagen`` (32 px base, 32->64 SR) with the peer's default sampler settings
     (Heun, 32 steps, S_churn 80, lowres_sample_noise_level 0.2)."""
     imagen_pytorch = import_peer()
-    unets = [imagen_pytorch.Unet(**CONFIGS[s], text_embed_dim=text_embed_dim) for s in ("base", "sr")]
+    unets = [imagen_pytorch.Unet(**CONFIGS[s], text_embed_dim=text_embed_dim) for s in STAGES]
     return imagen_pytorch.ElucidatedImagen(
         unets=unets,
         image_sizes=IMAGE_SIZES,
@@ -96,44 +79,33 @@ def build_imagen(text_embed_dim: int = 768, cond_drop_prob: float = 0.1):
     )
 
 
-class PeerSide:
+class PeerSide(common.Side):
     """Training one stage's optimiser step the way the peer's ``ImagenTrainer`` does (Adam, lr 1e-4, grad
     clipping; its accelerate wrapper adds no work in one CPU process), and sampling the cascade."""
 
     name = "imagen-pytorch"
 
     def __init__(self, device: torch.device, lr: float = 1e-4):
-        self.device = device
+        super().__init__(device, lr)
         self.imagen = build_imagen().to(device)
-        self.image_sizes = {"base": 32, "sr": 64}
-        self.lr = lr
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.image_sizes = dict(zip(STAGES, IMAGE_SIZES))
 
     def network(self, stage: str) -> torch.nn.Module:
         return self.imagen.unets[STAGES.index(stage)]
 
-    def loss(self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         """``images`` in [-1, 1] at the stage's size (the peer makes the low-resolution input itself)."""
         self.imagen.train()
         number = STAGES.index(stage) + 1
         return self.imagen((images + 1) / 2, text_embeds=text_embeds, text_masks=text_mask, unet_number=number)
 
-    def step(self, stage: str, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> float:
-        return common.adam_step(self.network(stage), self.optimizers, stage, self.lr,
-                                lambda: self.loss(stage, images, text_embeds, text_mask))
-
-    @torch.no_grad()
-    def sample(
-        self,
-        text_embeds: torch.Tensor,
-        text_mask: torch.Tensor,
-        *,
-        cond_scale: float = 3.0,
-        steps: int = 32,
-        sampler: str = "heun",
-        seed: int = 0,
+    def _sample(
+        self, text_embeds: torch.Tensor, text_mask: torch.Tensor, *, cond_scale: float, steps: int, sampler: str,
+        seed: int,
     ) -> torch.Tensor:
-        """Images (B, 3, 64, 64) in [0, 1] at the peer's defaults (its only sampler: stochastic Heun)."""
+        """At the peer's defaults but ``steps``; its only sampler is stochastic Heun."""
         if sampler != "heun":
             raise ValueError(f"the peer has only its Heun sampler, got sampler={sampler!r}")
         self.imagen.hparams = [hp._replace(num_sample_steps=steps) for hp in self.imagen.hparams]

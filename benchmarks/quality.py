@@ -14,7 +14,6 @@ fair budget on a machine shared with other work (see ``train_stage``).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,10 @@ from typing import Any
 import common
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _shapes():
-    sys.path.insert(0, str(REPO))  # the peer's venv reads the data set and the judge from the source tree
+    # imagen_lib comes from the checkout (child.py puts it on PYTHONPATH): the peer's venv borrows the data
+    # set and the judge from it
     from imagen_lib.data.shapes import ShapesDataset, sample_captions
     from imagen_lib.data.shapes_reader import score_shapes
 
@@ -136,7 +134,7 @@ def run(side: Any, device: torch.device, args: argparse.Namespace) -> dict[str, 
     training = {stage: train_stage(side, stage, device, args) for stage in ("base", "sr")}
     artifacts = Path(args.artifacts) if args.artifacts else None
     judged = []
-    for i, (sampler, steps) in enumerate(_sampler_list(args.samplers)):
+    for i, (sampler, steps) in enumerate(common.parse_samplers(args.samplers)):
         grid = artifacts / f"quality_{args.lib}_{sampler}{steps}.png" if artifacts and i == 0 else None
         judged.append(judge(side, device, args, sampler, steps, grid))
     return {"recipe": getattr(side, "recipe", "-"), "sizes": side.image_sizes,
@@ -146,10 +144,3 @@ def run(side: Any, device: torch.device, args: argparse.Namespace) -> dict[str, 
             "params": {s: common.param_count(side.network(s)) for s in ("base", "sr")},
             "peak_rss_mib": common.peak_rss_mib()}
 
-
-def _sampler_list(text: str) -> list[tuple[str, int]]:
-    out = []
-    for item in text.split(","):
-        name, _, steps = item.partition(":")
-        out.append((name.strip(), int(steps)))
-    return out

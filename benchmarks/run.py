@@ -3,10 +3,11 @@
     python benchmarks/run.py --out benchmarks/results.json            # the full measurement (about 1 hour)
     python benchmarks/run.py --quick --out /tmp/smoke.json             # a smoke run of every part (minutes)
 
-Each measurement runs in a fresh process (worker.py) so that peak memory belongs to one library and one
-task; the libraries alternate (ours, peer, ours, peer, ...) and the median over --reps repetitions is
-reported. The peer runs in benchmarks/.peer-venv (bash benchmarks/setup_peer.sh), ours in --ours-python
-(default: this interpreter, which must have imagen_lib installed). Needs only the standard library here.
+Each measurement runs in a fresh process (worker.py, by child.py's protocol) so that peak memory belongs to
+one library and one task; the libraries alternate (ours, peer, ours, peer, ...) and the median over --reps
+repetitions is reported. The peer runs in benchmarks/.peer-venv (bash benchmarks/setup_peer.sh), ours in
+--ours-python (default: this interpreter, which must have imagen_lib's dependencies; imagen_lib itself is
+imported from this checkout). Needs only the standard library here.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import child
 import report
 
 HERE = Path(__file__).resolve().parent
@@ -28,19 +29,18 @@ LIBS = ("ours", "peer")
 
 
 def worker(args: argparse.Namespace, lib: str, task: str, *extra: str) -> dict[str, Any]:
-    """Run one measurement in a fresh process and return its RESULT."""
+    """Run one measurement in a fresh worker.py process (child.py's protocol) and return its result."""
     python = args.ours_python if lib == "ours" else args.peer_python
     cmd = [python, str(HERE / "worker.py"), "--lib", lib, "--task", task, "--device", args.device, *extra,
            *args.gpu_flags]
-    env = dict(os.environ, HF_HOME=str(HERE / ".hf-cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    env = dict(HF_HOME=str(HERE / ".hf-cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    try:
+        result = child.run_child(cmd, env)
+    except child.ChildFailed as err:
+        sys.stderr.write(err.output)
+        raise RuntimeError(f"worker failed ({err}): {' '.join(cmd)}") from None
     print(f"  {lib:<4} {task:<7} {' '.join(extra):<60} {time.perf_counter() - start:6.1f} s", flush=True)
     return result
 
@@ -49,7 +49,7 @@ def section_train(args: argparse.Namespace) -> dict[str, Any]:
     timing = ["--warmup", "1", "--iters", "2", "--min-seconds", "0"] if args.quick else \
         ["--warmup", "3", "--iters", "8", "--min-seconds", str(args.min_seconds)]
     runs: dict[str, dict[str, list]] = {s: {lib: [] for lib in LIBS} for s in ("base", "sr")}
-    for rep in range(args.reps):
+    for _ in range(args.reps):
         for stage in ("base", "sr"):
             for lib in LIBS:  # A B A B: the order within a repetition is fixed, repetitions interleave
                 runs[stage][lib].append(worker(args, lib, "train", "--stage", stage, *timing))
@@ -92,7 +92,7 @@ def section_sample(args: argparse.Namespace, dpm_steps: int) -> dict[str, Any]:
     steps = 2 if args.quick else 32
     samplers = {"ours": f"heun:{steps},dpmpp_2m:{2 if args.quick else dpm_steps}", "peer": f"heun:{steps}"}
     runs: dict[str, list] = {lib: [] for lib in LIBS}
-    for rep in range(args.reps):
+    for _ in range(args.reps):
         for lib in LIBS:
             runs[lib].append(worker(args, lib, "sample", "--batch", batch, "--samplers", samplers[lib]))
     return runs
@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     args.gpu_flags = [f for f, on in (("--bf16", args.bf16), ("--channels-last", args.channels_last),
                                       ("--compile", args.compile)) if on]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - {"train", "quality", "sample", "profile"}
+    if unknown:
+        parser.error(f"--sections: expected some of train, quality, sample, profile; got {sorted(unknown)}")
+    if set(sections) - {"profile"} and not Path(args.peer_python).exists():  # every section but profile runs both
+        parser.error(f"--peer-python: {args.peer_python} does not exist; run bash benchmarks/setup_peer.sh first")
     results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
                                "quick": args.quick, "reps": args.reps, "device": args.device,
                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -60,10 +60,9 @@ def denoising_errors(cascade, n: int = 128, sigmas=(1.0, 3.0, 10.0)) -> dict[flo
     for sigma in sigmas:
         noisy = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
         levels = torch.full((n,), sigma)
-        out[sigma] = {
-            name: float(((stage.diffusion.denoiser(stage.net, text_embeds=e, text_mask=m)(noisy, levels) - x0) ** 2).mean())
-            for name, (e, m) in captions.items()
-        }
+        denoised = {name: stage.diffusion.denoiser(stage.net, text_embeds=e, text_mask=m)(noisy, levels)
+                    for name, (e, m) in captions.items()}
+        out[sigma] = {name: float(((x - x0) ** 2).mean()) for name, x in denoised.items()}
     return out
 
 

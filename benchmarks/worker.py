@@ -2,24 +2,22 @@
 
     python benchmarks/worker.py --lib ours|peer --task train|sample|quality|profile [options]
 
-Prints one line ``RESULT {json}`` on stdout. The peer runs in benchmarks/.peer-venv, ours in the Python
-that has imagen_lib installed; both import only this folder's modules besides their own library.
+Prints one line ``RESULT {json}`` on stdout (child.py's protocol). The peer runs in benchmarks/.peer-venv,
+ours in the Python that has imagen_lib's dependencies; both import only this folder's modules besides their
+own library, and the shapes prompts from imagen_lib, which run.py puts on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import child
 import common
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 STAGE_SIZE = {"base": 32, "sr": 64}
 
 
@@ -113,17 +111,7 @@ def memory_peak(device: torch.device) -> dict[str, float]:
     return out
 
 
-def parse_samplers(text: str) -> list[tuple[str, int]]:
-    """``heun:32,dpmpp_2m:12`` -> [("heun", 32), ("dpmpp_2m", 12)]."""
-    out = []
-    for item in text.split(","):
-        name, _, steps = item.partition(":")
-        out.append((name.strip(), int(steps)))
-    return out
-
-
 def eval_prompts(n: int, seed: int = 1234) -> tuple[list[str], list[dict[str, Any]]]:
-    sys.path.insert(0, str(REPO))  # the shapes grammar lives in imagen_lib; the peer's venv has its deps
     from imagen_lib.data.shapes import sample_captions
 
     return sample_captions(n, seed=seed)
@@ -135,7 +123,7 @@ def task_sample(side: Any, device: torch.device, args: argparse.Namespace) -> di
     texts, _ = eval_prompts(args.batch)
     text_embeds, text_mask = (t.to(device) for t in common.caption_embeddings(texts))
     rows = []
-    for sampler, steps in parse_samplers(args.samplers):
+    for sampler, steps in common.parse_samplers(args.samplers):
         with autocast(args, device):
             side.sample(text_embeds[:1], text_mask[:1], cond_scale=args.cond_scale, steps=2, sampler=sampler)
         common.synchronize(device)
@@ -145,7 +133,8 @@ def task_sample(side: Any, device: torch.device, args: argparse.Namespace) -> di
         common.synchronize(device)
         elapsed = time.perf_counter() - start
         if images.shape != (args.batch, 3, 64, 64) or not torch.isfinite(images).all():
-            raise RuntimeError(f"{sampler}:{steps} returned {tuple(images.shape)} (finite: {torch.isfinite(images).all()})")
+            finite = bool(torch.isfinite(images).all())
+            raise RuntimeError(f"{sampler}:{steps} returned {tuple(images.shape)} (finite: {finite})")
         rows.append({"sampler": sampler, "steps": steps, "seconds_per_image": elapsed / args.batch})
     return {"batch": args.batch, "cond_scale": args.cond_scale, "samplers": rows, **memory_peak(device)}
 
@@ -162,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--min-seconds", type=float, default=10.0)
-    parser.add_argument("--samplers", default="heun:32", help="name:steps list; ours also takes own:0 (the stages' own settings)")
+    parser.add_argument("--samplers", default="heun:32",
+                        help="name:steps list; ours also takes own:0 (the stages' own settings)")
     parser.add_argument("--recipe", choices=["matched", "quickstart"], default="matched",
                         help="ours: the matched networks, or the main job's cascade (examples/shapes.yaml)")
     parser.add_argument("--cond-scale", type=float, default=3.0)
@@ -195,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         import profile_step
 
         result = profile_step.run(side, device, args)
-    result.update(rss_after_build_mib=rss_after_build, lib=args.lib, task=args.task, version=library_version(args.lib), torch=torch.__version__,
-                  threads=torch.get_num_threads(), device=str(device))
-    print("RESULT " + json.dumps(result), flush=True)
+    result.update(rss_after_build_mib=rss_after_build, lib=args.lib, task=args.task,
+                  version=library_version(args.lib), torch=torch.__version__, threads=torch.get_num_threads(),
+                  device=str(device))
+    child.print_result(result)
 
 
 if __name__ == "__main__":

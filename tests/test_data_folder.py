@@ -1,7 +1,11 @@
 """Real training data: image-caption folders, transforms and WebDataset shards, on tiny generated files."""
 
 import io
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from imagen_lib.data.folder import ImageTextFolder, collate_image_text
+from imagen_lib.data.collate import collate_image_text
+from imagen_lib.data.folder import ImageTextFolder
 from imagen_lib.data.shapes import ShapesDataset
 from imagen_lib.data.shards import ShardDataset, expand_urls, iter_shard_samples, write_shards
 from imagen_lib.data.transforms import ImageTransform
@@ -176,3 +181,25 @@ def test_shards_on_an_fsspec_url(folder):
     assert [s["__key__"] for s in iter_shard_samples(urls[0])] == ["m0", "m1", "m2"]
     items = list(ShardDataset("memory://shards-test/shard-000000.tar", image_size=8, shuffle_buffer=0))
     assert [i["texts"] for i in items] == [texts[0]] * 3
+
+
+def test_process_split_reads_the_launcher_or_the_accelerator_and_creates_no_state():
+    """Without an Accelerator the launcher's RANK / WORLD_SIZE count, and asking creates no Accelerate state;
+    once an Accelerator exists (one process here) its split wins over the environment."""
+    script = """
+import os
+import accelerate.state
+from imagen_lib.data.shards import process_split
+os.environ.update(RANK="2", WORLD_SIZE="3")
+before = process_split()
+created = accelerate.state.is_initialized()
+del os.environ["RANK"], os.environ["WORLD_SIZE"]
+accelerate.Accelerator(cpu=True)
+os.environ.update(RANK="2", WORLD_SIZE="3")
+print(before, created, process_split())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "(2, 3) False (0, 1)"

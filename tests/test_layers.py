@@ -81,7 +81,6 @@ def test_imports_go_downwards(module):
             f"{module} ({layer}) imports {imported} ({their_layer}): imports go down the layers only")
 
 
-@pytest.mark.xfail(strict=True, reason="data/folder -> precache -> shards -> folder: being broken up")
 def test_no_import_cycles():
     modules = _modules()
     graph = {m: _imports(p, set(modules)) - {m, "imagen_lib"} for m, p in modules.items()}

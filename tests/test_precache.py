@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from imagen_lib.data.folder import ImageTextFolder, collate_image_text
-from imagen_lib.data.precache import EmbeddingStore, fit_token_length, precache_captions, precache_shards
+from imagen_lib.data.collate import collate_image_text
+from imagen_lib.data.embeddings import EmbeddingStore, fit_token_length
+from imagen_lib.data.folder import ImageTextFolder
+from imagen_lib.data.precache import precache_captions, precache_shards
 from imagen_lib.data.shapes import ShapesDataset
 from imagen_lib.data.shards import ShardDataset, write_shards
 from imagen_lib.images import to_pil
@@ -102,7 +104,8 @@ def test_precache_resumes_after_an_interruption(encoder, folder, tmp_path):
 
 
 def test_folder_reads_precomputed_embeddings_without_the_encoder(encoder, folder, tmp_path):
-    store = precache_captions(encoder, ImageTextFolder(folder, image_size=24).captions(), tmp_path / "s", progress=False)
+    captions = ImageTextFolder(folder, image_size=24).captions()
+    store = precache_captions(encoder, captions, tmp_path / "s", progress=False)
     ds = ImageTextFolder(folder, image_size=24, embeddings=tmp_path / "s", token_length=16)
     batch = collate_image_text([ds[i] for i in range(4)])
     assert set(batch) == {"images", "text_embeds", "text_mask", "keys"}
@@ -173,7 +176,9 @@ def test_precache_shards_adds_embeddings_and_skips_finished_shards(encoder, fold
     pattern = str(tmp_path / "in" / "shard-{000000..000002}.tar")
     outputs = precache_shards(encoder, pattern, str(tmp_path / "out"), batch_size=5, progress=False)
     assert [o.rsplit("/", 1)[-1] for o in outputs] == [i.rsplit("/", 1)[-1] for i in inputs]
-    items = list(ShardDataset(str(tmp_path / "out" / "*.tar"), image_size=16, shuffle_buffer=0, token_length=MAX_LENGTH))
+    items = list(
+        ShardDataset(str(tmp_path / "out" / "*.tar"), image_size=16, shuffle_buffer=0, token_length=MAX_LENGTH)
+    )
     assert len(items) == 20 and all("texts" not in item for item in items)
     by_key = {item["keys"]: item for item in items}
     captions = [(folder / f"{k}.txt").read_text() for k in sorted(by_key)]

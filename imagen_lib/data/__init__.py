@@ -16,15 +16,15 @@ _EXPORTS = {
     "read_shapes": "imagen_lib.data.shapes_reader",
     "score_shapes": "imagen_lib.data.shapes_reader",
     "ImageTextFolder": "imagen_lib.data.folder",
-    "collate_image_text": "imagen_lib.data.folder",
+    "collate_image_text": "imagen_lib.data.collate",
     "ShardDataset": "imagen_lib.data.shards",
     "write_shards": "imagen_lib.data.shards",
     "expand_urls": "imagen_lib.data.shards",
     "ImageTransform": "imagen_lib.data.transforms",
-    "EmbeddingStore": "imagen_lib.data.precache",
+    "EmbeddingStore": "imagen_lib.data.embeddings",
+    "fit_token_length": "imagen_lib.data.embeddings",
     "precache_captions": "imagen_lib.data.precache",
     "precache_shards": "imagen_lib.data.precache",
-    "fit_token_length": "imagen_lib.data.precache",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -43,8 +43,10 @@ def __dir__():
 
 
 if TYPE_CHECKING:
-    from imagen_lib.data.folder import ImageTextFolder, collate_image_text
-    from imagen_lib.data.precache import EmbeddingStore, fit_token_length, precache_captions, precache_shards
+    from imagen_lib.data.collate import collate_image_text
+    from imagen_lib.data.embeddings import EmbeddingStore, fit_token_length
+    from imagen_lib.data.folder import ImageTextFolder
+    from imagen_lib.data.precache import precache_captions, precache_shards
     from imagen_lib.data.shapes import ShapesDataset, collate_shapes, render, render_batch, sample_captions
     from imagen_lib.data.shapes_reader import read_shapes, score_shapes
     from imagen_lib.data.shards import ShardDataset, expand_urls, write_shards

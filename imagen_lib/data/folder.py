@@ -3,7 +3,7 @@
 Images that cannot be read or are too small are skipped and counted, never a crash mid-epoch: headers are
 checked when the folder is scanned, and an image that fails to decode later is replaced by the next good
 one (with a warning). Captions can be replaced by precomputed embeddings from an
-:class:`~imagen_lib.data.precache.EmbeddingStore` (``imagen-lib precache``), so that training never loads
+:class:`~imagen_lib.data.embeddings.EmbeddingStore` (``imagen-lib precache``), so that training never loads
 the text encoder.
 """
 
@@ -20,30 +20,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from imagen_lib.data.precache import EmbeddingStore, fit_token_length
+from imagen_lib.data.collate import collate_image_text
+from imagen_lib.data.embeddings import EmbeddingStore, fit_token_length
 from imagen_lib.data.transforms import ImageTransform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def collate_image_text(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The Trainer's batch dict from items of :class:`ImageTextFolder` or ``ShardDataset``.
-
-    ``images`` are stacked; ``texts`` and ``keys`` become lists; ``text_embeds`` / ``text_mask`` of
-    different lengths are zero-padded to the longest before stacking.
-    """
-    if not samples:
-        raise ValueError("collate_image_text needs at least one sample")
-    batch: dict[str, Any] = {"images": torch.stack([s["images"] for s in samples])}
-    if "text_embeds" in samples[0]:
-        longest = max(s["text_embeds"].shape[0] for s in samples)
-        fitted = [fit_token_length(s["text_embeds"], s["text_mask"], max(longest, 1)) for s in samples]
-        batch["text_embeds"] = torch.stack([e for e, _ in fitted])
-        batch["text_mask"] = torch.stack([m for _, m in fitted])
-    for key in ("texts", "keys"):
-        if key in samples[0]:
-            batch[key] = [s[key] for s in samples]
-    return batch
 
 
 def _scan(root: Path, extensions: Sequence[str], min_size: int) -> tuple[list[Path], Counter]:

@@ -5,13 +5,10 @@ captions are encoded once and training reads the result without loading the enco
 
 Two destinations:
 
-- :class:`EmbeddingStore`, a memory-mapped folder for image-caption folders and caption lists: the
-  embeddings of all captions back to back in float16, each trimmed to its real token length, with the mask
-  bits of those tokens, the per-caption lengths and a key per caption (the image's relative path). Writing
-  is resumable: a batch is committed by appending its lengths last, and an interrupted run is cut back to
-  the last committed batch when it restarts.
+- an :class:`~imagen_lib.data.embeddings.EmbeddingStore` (a memory-mapped local folder, resumable batch by
+  batch) for image-caption folders and caption lists: :func:`precache_captions`;
 - new WebDataset shards beside the input shards, each sample carrying ``emb.npy`` (float16, trimmed) and
-  ``emb_mask.npy`` (bool) next to its image and caption (see :func:`precache_shards`).
+  ``emb_mask.npy`` (bool) next to its image and caption: :func:`precache_shards`.
 
 ``encoder`` is anything called as ``encoder(texts) -> (embeds (B, N, D), mask (B, N) bool)``, such as
 :class:`imagen_lib.text.T5TextEncoder`.
@@ -21,161 +18,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-STORE_FORMAT = "imagen_lib.embeddings/1"
+from imagen_lib.data.embeddings import EmbeddingStore, EmbeddingStoreWriter, trimmed_length
+from imagen_lib.data.shards import expand_urls, iter_shard_samples, write_samples
+
 Encoder = Callable[[list], tuple[Tensor, Tensor]]
-_FILES = {"embeds": "embeds.f16", "masks": "masks.u8", "lengths": "lengths.i32", "keys": "keys.txt"}
-
-
-def fit_token_length(embeds: Tensor, mask: Tensor, token_length: int) -> tuple[Tensor, Tensor]:
-    """Trim or zero-pad (..., N, D) embeddings and their (..., N) mask to ``token_length`` tokens, as
-    NeMo's ``conditioning.token_length`` does; padded positions are 0 with mask False."""
-    if not isinstance(token_length, int) or token_length < 1:
-        raise ValueError(f"token_length: expected a positive int, got {token_length!r}")
-    n = embeds.shape[-2]
-    if mask.shape[-1] != n:
-        raise ValueError(f"mask: expected {n} tokens like embeds, got shape {tuple(mask.shape)}")
-    if n >= token_length:
-        return embeds[..., :token_length, :], mask[..., :token_length]
-    pad = token_length - n
-    embeds = torch.nn.functional.pad(embeds, (0, 0, 0, pad))
-    return embeds, torch.nn.functional.pad(mask, (0, pad), value=False)
-
-
-def _trimmed_length(mask: np.ndarray) -> int:
-    """Tokens up to and including the last real one (T5 masks are a prefix of True)."""
-    real = np.flatnonzero(mask)
-    return int(real[-1]) + 1 if len(real) else 0
-
-
-class EmbeddingStore:
-    """A memory-mapped folder of precomputed caption embeddings (local path), read side.
-
-    ``store[i]`` -> ``(embeds (L_i, D) float16, mask (L_i,) bool)``, trimmed to the caption's real length;
-    ``store.get(i, token_length)`` -> float32 ``(token_length, D)`` and ``(token_length,)`` padded or
-    trimmed (default ``token_length``: the encoder's ``max_length``); ``store.index(key)`` finds a caption.
-    """
-
-    def __init__(self, path: Union[str, Path]):
-        self.path = Path(path)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"path: {self.path} is not an embedding store (no meta.json)")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if self.meta.get("format") != STORE_FORMAT:
-            raise ValueError(f"path: {self.path} holds format {self.meta.get('format')!r}, expected {STORE_FORMAT!r}")
-        self.dim, self.max_length = int(self.meta["dim"]), int(self.meta["max_length"])
-        lengths = np.fromfile(self.path / _FILES["lengths"], dtype=np.int32)
-        self.lengths = lengths
-        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        total = int(self.offsets[-1])
-        self._embeds = np.memmap(self.path / _FILES["embeds"], np.float16, "r", shape=(total, self.dim)) if total else None
-        self._masks = np.memmap(self.path / _FILES["masks"], np.uint8, "r", shape=(total,)) if total else None
-        keys = (self.path / _FILES["keys"]).read_text(encoding="utf-8").split("\n")[: len(lengths)]
-        self.keys = keys
-        self._index = {key: i for i, key in enumerate(keys)}
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def complete(self) -> bool:
-        """Whether the writer finished (an interrupted precache leaves this False)."""
-        return bool(self.meta.get("complete", False))
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._index
-
-    def index(self, key: str) -> int:
-        if key not in self._index:
-            raise KeyError(f"key {key!r} is not in the embedding store {self.path}")
-        return self._index[key]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} is out of range for a store of {len(self)} captions")
-        i %= len(self)
-        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
-        if stop == start:
-            return torch.zeros(0, self.dim, dtype=torch.float16), torch.zeros(0, dtype=torch.bool)
-        return torch.from_numpy(np.array(self._embeds[start:stop])), torch.from_numpy(self._masks[start:stop] > 0)
-
-    def get(self, i: int, token_length: Optional[int] = None) -> tuple[Tensor, Tensor]:
-        embeds, mask = self[i]
-        return fit_token_length(embeds.float(), mask, token_length or self.max_length)
-
-    def __repr__(self) -> str:
-        return f"EmbeddingStore({str(self.path)!r}, captions={len(self)}, dim={self.dim}, complete={self.complete})"
-
-
-class _StoreWriter:
-    """Appends batches to a store; reopening an interrupted store cuts it back to its last commit."""
-
-    def __init__(self, path: Path, dim: int, max_length: int, encoder_config: Any):
-        self.path = path
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"format": STORE_FORMAT, "dim": dim, "max_length": max_length, "encoder": encoder_config}
-        meta_path = path / "meta.json"
-        if meta_path.is_file():
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-            for field in ("format", "dim", "max_length", "encoder"):
-                if old.get(field) != meta[field]:
-                    raise ValueError(
-                        f"output: {path} already holds embeddings with {field}={old.get(field)!r}, not "
-                        f"{meta[field]!r}; choose another output or delete it"
-                    )
-        meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1), encoding="utf-8")
-        self.meta = meta
-        self.count, _ = self._cut_back()
-        self.files = {name: open(path / fname, "ab") for name, fname in _FILES.items()}
-
-    def _cut_back(self) -> tuple[int, int]:
-        """Truncate every file to the last committed batch; returns (captions, tokens) kept."""
-        lengths_path = self.path / _FILES["lengths"]
-        lengths = np.fromfile(lengths_path, dtype=np.int32) if lengths_path.exists() else np.zeros(0, np.int32)
-        count, tokens = len(lengths), int(lengths.sum())
-        sizes = {"lengths": count * 4, "embeds": tokens * self.meta["dim"] * 2, "masks": tokens}
-        for name, size in sizes.items():
-            target = self.path / _FILES[name]
-            with open(target, "ab") as handle:
-                handle.truncate(size)
-        keys_path = self.path / _FILES["keys"]
-        keys = keys_path.read_text(encoding="utf-8").split("\n")[:count] if keys_path.exists() else []
-        keys_path.write_text("".join(k + "\n" for k in keys), encoding="utf-8")
-        self.keys = keys
-        return count, tokens
-
-    def append(self, keys: Sequence[str], embeds: Tensor, mask: Tensor) -> None:
-        embeds_np = embeds.detach().to("cpu", torch.float16).numpy()
-        mask_np = mask.detach().cpu().numpy().astype(bool)
-        lengths = np.array([_trimmed_length(m) for m in mask_np], dtype=np.int32)
-        for row, length in enumerate(lengths):
-            self.files["embeds"].write(np.ascontiguousarray(embeds_np[row, :length]).tobytes())
-            self.files["masks"].write(mask_np[row, :length].astype(np.uint8).tobytes())
-        self.files["keys"].write("".join(k + "\n" for k in keys).encode("utf-8"))
-        for name in ("embeds", "masks", "keys"):
-            self.files[name].flush()
-        # the commit: a batch counts once its lengths are on disk
-        self.files["lengths"].write(lengths.tobytes())
-        self.files["lengths"].flush()
-        os.fsync(self.files["lengths"].fileno())
-        self.count += len(keys)
-        self.keys.extend(keys)
-
-    def close(self, complete: bool) -> None:
-        for handle in self.files.values():
-            handle.close()
-        meta = {**self.meta, "complete": complete, "count": self.count}
-        (self.path / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
 def _encoder_config(encoder: Any) -> Any:
@@ -215,7 +70,7 @@ def precache_captions(
     # one caption tells the width; it is encoded again in its batch
     probe, _ = _encode(encoder, [items[0][1]])
     max_length = int(getattr(encoder, "max_length", probe.shape[1]))
-    writer = _StoreWriter(Path(output), int(probe.shape[-1]), max_length, _encoder_config(encoder))
+    writer = EmbeddingStoreWriter(Path(output), int(probe.shape[-1]), max_length, _encoder_config(encoder))
     done = writer.count
     if writer.keys != keys[:done]:
         writer.close(complete=False)
@@ -250,7 +105,7 @@ def embedding_fields(embeds: Tensor, mask: Tensor) -> list[dict[str, bytes]]:
     mask_np = mask.detach().cpu().numpy().astype(bool)
     rows = []
     for e, m in zip(embeds_np, mask_np):
-        length = _trimmed_length(m)
+        length = trimmed_length(m)
         rows.append({"emb.npy": _npy_bytes(np.ascontiguousarray(e[:length])), "emb_mask.npy": _npy_bytes(m[:length])})
     return rows
 
@@ -268,8 +123,6 @@ def precache_shards(
     the image and ``txt``. Resumable shard by shard: a shard is written under a temporary name and renamed
     when complete, and shards already in ``output`` are skipped. Returns the output shard URLs.
     """
-    from imagen_lib.data.shards import expand_urls, iter_shard_samples, write_samples
-
     inputs = expand_urls(urls)
     outputs = []
     for url in tqdm(inputs, desc="precache shards", unit="shard", disable=not progress):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import random
 import sys
 import warnings
@@ -22,8 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from imagen_lib.data.folder import collate_image_text
-from imagen_lib.data.precache import fit_token_length
+from imagen_lib.data.collate import collate_image_text
+from imagen_lib.data.embeddings import fit_token_length
 from imagen_lib.data.transforms import ImageTransform
 
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
@@ -33,7 +34,9 @@ def _webdataset():
     try:
         import webdataset
     except ImportError as error:  # an optional extra
-        raise ImportError("WebDataset shards need the webdataset package: pip install 'imagen_lib[webdataset]'") from error
+        raise ImportError(
+            "WebDataset shards need the webdataset package: pip install 'imagen_lib[webdataset]'"
+        ) from error
     return webdataset
 
 
@@ -61,12 +64,13 @@ def expand_urls(urls: Union[str, Sequence[str]]) -> list[str]:
 
 
 def process_split() -> tuple[int, int]:
-    """(rank, world size) of this process: Accelerate's when it is in use, else torch.distributed's, else
-    the ``RANK`` / ``WORLD_SIZE`` environment variables, else (0, 1)."""
+    """(rank, world size) of this process: the Accelerator's when one exists, else torch.distributed's, else
+    the ``RANK`` / ``WORLD_SIZE`` environment variables (what launchers set), else (0, 1). Only reads: it
+    never creates Accelerate's state or a process group."""
     if "accelerate" in sys.modules:  # only consult Accelerate when the program uses it
-        from accelerate.state import PartialState
+        from accelerate.state import PartialState, is_initialized
 
-        if PartialState._shared_state:
+        if is_initialized():  # an Accelerator exists, so PartialState() hands back its state, creating nothing
             state = PartialState()
             return state.process_index, state.num_processes
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -91,7 +95,7 @@ def write_samples(samples: Iterable[dict[str, Any]], url: str) -> int:
 
     wds = _webdataset()
     fs, path = fsspec.core.url_to_fs(url)
-    parent = fs._parent(path)
+    parent = posixpath.dirname(path)  # fsspec paths use "/" on every platform
     if parent:
         fs.makedirs(parent, exist_ok=True)
     partial = path + ".partial"
@@ -220,7 +224,9 @@ class ShardDataset(IterableDataset):
         if self.text == "texts" or (self.text == "auto" and not has_embeds):
             return {"texts": sample.get("txt", b"").decode("utf-8").strip()}
         if not has_embeds:
-            raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has no emb.npy; run imagen-lib precache")
+            raise ValueError(
+                f"sample {sample['__key__']} in {sample['__url__']} has no emb.npy; run imagen-lib precache"
+            )
         embeds = torch.from_numpy(_load_npy(sample["emb.npy"])).float()
         mask = torch.from_numpy(_load_npy(sample["emb_mask.npy"])).bool()
         if self.token_length is not None:
