@@ -16,7 +16,7 @@ then upsample to the next level's width and size); a GroupNorm-SiLU-conv head.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -57,14 +57,8 @@ class EfficientUnet(UnetBase):
     config_class = EfficientUnetConfig
     config: EfficientUnetConfig
 
-    def __init__(self, config: Optional[EfficientUnetConfig] = None, **overrides: Any):
-        super().__init__()
-        config = self._make_config(config, overrides)
-        self._setup(config)
-        self.skip_scale = 2**-0.5 if config.skip_connection_scaling else 1.0
-        self._build(config)
-
     def _build(self, config: EfficientUnetConfig) -> None:
+        self.skip_scale = 2**-0.5 if config.skip_connection_scaling else 1.0
         chans, blocks, attn = config.level_channels, config.num_res_blocks, config.attention_levels
         res, with_conv = self._res_options(), config.resample_with_conv
         last = len(chans) - 1

@@ -30,12 +30,19 @@ from imagen_lib.nn.layers import (
 class UnetBase(nn.Module):
     """What both U-Nets share: the conditioning stem, the input conv, the output head and the call protocol.
 
-    Subclasses set ``config_class``, build their body in ``__init__`` after :meth:`_setup` and implement
-    ``_body(h, cond_act, ctx)``.
+    ``Net(config, **overrides)``: ``config`` is a ``Net.config_class`` instance (None = its defaults) and
+    ``overrides`` are its fields. Subclasses set ``config_class`` and implement ``_build(config)`` (called
+    after the stem is built) and ``_body(h, cond_act, ctx)``.
     """
 
     config_class: ClassVar[type[NetworkConfig]] = NetworkConfig
     config: NetworkConfig
+
+    def __init__(self, config: Optional[NetworkConfig] = None, **overrides: Any):
+        super().__init__()
+        config = self._make_config(config, overrides)
+        self._setup(config)
+        self._build(config)
 
     @classmethod
     def _make_config(cls, config: Optional[NetworkConfig], overrides: dict[str, Any]) -> NetworkConfig:
@@ -80,6 +87,9 @@ class UnetBase(nn.Module):
     def _run(self, step: nn.Module, h: Tensor, cond_act: Tensor, ctx) -> Tensor:
         return run_checkpointed(step, self.gradient_checkpointing and self.training, h, cond_act, ctx)
 
+    def _build(self, config: NetworkConfig) -> None:
+        raise NotImplementedError
+
     def _body(self, h: Tensor, cond_act: Tensor, ctx) -> Tensor:
         raise NotImplementedError
 
@@ -118,12 +128,6 @@ class Unet(UnetBase):
 
     config_class = UnetConfig
     config: UnetConfig
-
-    def __init__(self, config: Optional[UnetConfig] = None, **overrides: Any):
-        super().__init__()
-        config = self._make_config(config, overrides)
-        self._setup(config)
-        self._build(config)
 
     def _build(self, config: UnetConfig) -> None:
         chans, blocks, attn = config.level_channels, config.num_res_blocks, config.attention_per_level()
