@@ -1,5 +1,6 @@
 """Unet / EfficientUnet: shapes, masks, gradients, the attention maths, checkpointing, channels-last, configs."""
 
+import dataclasses
 import json
 import math
 import re
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from imagen_lib.nn.attention import ImageAttention, make_text_context, position_features
+from imagen_lib.nn.config import EfficientUnetConfig, NetworkConfig, UnetConfig
 from imagen_lib.nn.efficient_unet import EfficientUnet
 from imagen_lib.nn.layers import NoiseEmbedding
-from imagen_lib.nn.networks import NETWORKS, network_from_config
+from imagen_lib.nn.networks import NETWORK_OF_CONFIG, NETWORKS, network_for, network_from_config, network_kind
 from imagen_lib.nn.unet import Unet
 
 ATTENTION = ["self", "cross", "stacked", "fused"]
@@ -257,7 +259,7 @@ def test_channels_last_gives_the_same_output(cls):
 def test_config_round_trips_through_json(cls):
     net = small_net(cls, "stacked", lowres=True, dropout=0.1, learned_sinu_pos_emb_dim=8,
                     attention_pos_emb=True).eval()
-    config = json.loads(json.dumps(net.config))
+    config = json.loads(json.dumps(net.config.to_dict()))
     rebuilt = network_from_config(cls.__name__, config)
     assert NETWORKS[cls.__name__] is cls and rebuilt.config == net.config
     rebuilt.load_state_dict(net.state_dict())
@@ -311,15 +313,15 @@ def test_bad_inputs_name_the_argument():
 
 def test_bad_options_name_the_argument():
     with pytest.raises(ValueError, match="attention_type"):
-        Unet(16, attention_type="linear")
+        Unet(embed_dim=16, attention_type="linear")
     with pytest.raises(ValueError, match="attention_resolutions"):
-        Unet(16, image_size=32, channel_mult=(1, 2), attention_resolutions=(8,))
+        Unet(embed_dim=16, image_size=32, channel_mult=(1, 2), attention_resolutions=(8,))
     with pytest.raises(ValueError, match="num_res_blocks"):
-        EfficientUnet(16, channel_mult=(1, 2), num_res_blocks=(1, 2, 3))
+        EfficientUnet(embed_dim=16, channel_mult=(1, 2), num_res_blocks=(1, 2, 3))
     with pytest.raises(ValueError, match="feature_pooling_type"):
-        Unet(16, channel_mult=(1, 2), attention_resolutions=(), feature_pooling_type="max")
+        Unet(embed_dim=16, channel_mult=(1, 2), attention_resolutions=(), feature_pooling_type="max")
     with pytest.raises(ValueError, match="per_head_channels"):
-        Unet(16, image_size=8, channel_mult=(1, 2), attention_resolutions=(4,), per_head_channels=12)
+        Unet(embed_dim=16, image_size=8, channel_mult=(1, 2), attention_resolutions=(4,), per_head_channels=12)
 
 
 def test_efficient_unet_scales_skips_by_inverse_sqrt2():
@@ -346,12 +348,12 @@ def test_efficient_unet_resamples_around_the_convolutions():
 
 
 def test_unet_attention_placement_by_level_and_middle():
-    by_res = Unet(16, image_size=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+    by_res = Unet(embed_dim=16, image_size=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
                   attention_type="self", text_embed_dim=None, per_head_channels=8)
-    by_level = Unet(dim=16, image_size=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+    by_level = Unet(embed_dim=16, image_size=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                     attention_levels=(False, True, False), middle_attention=False, attention_type="self",
                     text_embed_dim=None, per_head_channels=8)
-    assert by_level.config["embed_dim"] == 16
+    assert by_level.config.embed_dim == 16 and by_level.config.attention_per_level() == (False, True, False)
     with_attn = lambda net: [i for i, step in enumerate(net.down) if step.attn is not None]  # noqa: E731
     assert with_attn(by_res) == with_attn(by_level) == [2]  # the one res block at 8 px
     assert by_res.middle.attn is not None and by_level.middle.attn is None
@@ -366,8 +368,8 @@ def test_from_nemo_reads_nemo_unet_blocks():
               gradient_checkpointing=False, scale_shift_norm=True, stable_attention=False, flash_attention=True,
               skip_connection_scaling=True)
     net = from_nemo("sr", sr, text_embed_dim=TEXT_DIM)
-    assert type(net) is EfficientUnet and net.lowres_cond and net.config["num_res_blocks"] == [1, 2]
-    assert net.config["attention_levels"] == [False, True] and net.text_embed_dim == TEXT_DIM
+    assert type(net) is EfficientUnet and net.lowres_cond and net.config.num_res_blocks == (1, 2)
+    assert net.config.attention_levels == (False, True) and net.text_embed_dim == TEXT_DIM
     base = dict(embed_dim=8, image_size=8, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions=[4],
                 attention_type="fused", cond_dim=16, dropout=False, resblock_updown=False, flash_attention=False)
     assert type(from_nemo("base", base)) is Unet and from_nemo("sr-unet", base).lowres_cond
@@ -375,3 +377,114 @@ def test_from_nemo_reads_nemo_unet_blocks():
         from_nemo("sr", dict(sr, stride=4))
     with pytest.raises(ValueError, match="unet_type"):
         from_nemo("sr1024", sr)
+
+
+# --- the config dataclasses -------------------------------------------------------------------------------
+
+# Network configs exactly as checkpoints written before the dataclasses hold them (config.json, "network"):
+# the shapes quickstart's 16 px base, and a Unet with level flags, learned noise embedding and resampling
+# res blocks (its attention_resolutions do not fit image_size, which is allowed when attention_levels is set).
+OLD_CHECKPOINT_CONFIGS = [
+    ("EfficientUnet", 1162979, json.loads(
+        '{"embed_dim": 32, "image_size": 16, "channels": 3, "out_channels": null, "channel_mult": [1, 2, 4], '
+        '"num_res_blocks": [1, 1, 2], "attention_type": "fused", "attention_levels": [false, true, true], '
+        '"num_attn_heads": 4, "per_head_channels": 32, "cond_dim": 128, "text_embed_dim": 64, "cond_on_text": true, '
+        '"feature_pooling_type": "attention", "learned_sinu_pos_emb_dim": 0, "dropout": 0.0, "use_null_token": true, '
+        '"init_conv_kernel_size": 3, "gradient_checkpointing": false, "scale_shift_norm": true, '
+        '"resample_with_conv": true, "skip_connection_scaling": true, "lowres_cond": false, '
+        '"stable_attention": false, "attention_pos_emb": true}')),
+    ("Unet", 340855, json.loads(
+        '{"embed_dim": 16, "image_size": 16, "channels": 3, "out_channels": null, "channel_mult": [1, 2, 2], '
+        '"num_res_blocks": [1, 1, 1], "attention_type": "self", "attention_resolutions": [32, 16, 8], '
+        '"attention_levels": [false, true, false], "middle_attention": false, "num_attn_heads": 4, '
+        '"per_head_channels": 8, "cond_dim": null, "text_embed_dim": null, "cond_on_text": true, '
+        '"feature_pooling_type": "attention", "learned_sinu_pos_emb_dim": 8, "dropout": 0.1, "use_null_token": true, '
+        '"init_conv_kernel_size": 3, "gradient_checkpointing": false, "scale_shift_norm": true, '
+        '"resblock_updown": true, "resample_with_conv": true, "lowres_cond": false, "stable_attention": false, '
+        '"attention_pos_emb": false}')),
+]
+
+
+def shapes(net):
+    return [(name, tuple(t.shape)) for name, t in net.state_dict().items()]
+
+
+@pytest.mark.parametrize("kind,n_params,old", OLD_CHECKPOINT_CONFIGS)
+def test_old_checkpoint_configs_rebuild_the_same_net(kind, n_params, old):
+    net = network_from_config(kind, old)
+    assert isinstance(net.config, net.config_class) and net.config.to_dict() == old
+    assert sum(p.numel() for p in net.parameters()) == n_params  # counted by the pre-dataclass code
+    with_keywords = NETWORKS[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in old.items()})
+    assert with_keywords.config == net.config and shapes(with_keywords) == shapes(net)
+
+
+@pytest.mark.parametrize("cls", [Unet, EfficientUnet])
+def test_config_round_trips_and_rebuilds_the_same_architecture(cls):
+    net = small_net(cls, "stacked", lowres=True, num_res_blocks=2, learned_sinu_pos_emb_dim=8)
+    config = net.config
+    plain = json.loads(json.dumps(config.to_dict()))
+    # the JSON values are plain (lists, not tuples), and the asdict + JSON path gives the same
+    assert plain == config.to_dict() == json.loads(json.dumps(dataclasses.asdict(config)))
+    assert not any(isinstance(v, tuple) for v in config.to_dict().values())
+    assert type(config).from_dict(plain) == config and hash(type(config).from_dict(plain)) == hash(config)
+    for rebuilt in (cls(config), cls(**config.to_dict()), cls(type(config).from_dict(plain)), network_for(config)):
+        assert type(rebuilt) is cls and rebuilt.config == config and shapes(rebuilt) == shapes(net)
+    assert network_kind(config) == cls.__name__ and NETWORK_OF_CONFIG[type(config)] is cls
+
+
+def test_configs_normalise_to_what_the_nets_build():
+    assert UnetConfig(channel_mult=[1, 2], num_res_blocks=2, attention_resolutions=[64, 32]) == UnetConfig(
+        channel_mult=(1, 2), num_res_blocks=(2, 2), attention_resolutions=(64, 32))
+    assert UnetConfig().num_res_blocks == (3, 3, 3, 3) and UnetConfig().attention_per_level() == (
+        False, True, True, True)
+    assert UnetConfig(image_size=8, channel_mult=(1, 2), attention_levels=True).attention_per_level() == (True, True)
+    # the Efficient U-Net's default attention placement is stored resolved: the two deepest levels
+    assert EfficientUnetConfig().attention_levels == (False, False, False, True, True)
+    assert EfficientUnetConfig(channel_mult=(1, 2, 4), num_res_blocks=1).attention_levels == (False, True, True)
+    assert EfficientUnetConfig(channel_mult=(1, 2), num_res_blocks=1).level_channels == (128, 256)
+    # NeMo's 0/1 flags and dropout: False read as bools and a float
+    config = EfficientUnetConfig(channel_mult=(1, 2), num_res_blocks=1, attention_levels=[0, 1], dropout=False)
+    assert config.attention_levels == (False, True) and config.dropout == 0.0 and type(config.dropout) is float
+
+
+def test_configs_are_frozen_and_replace_checks_again():
+    config = UnetConfig(embed_dim=16)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.embed_dim = 32
+    assert config.replace(embed_dim=32).embed_dim == 32 and config.embed_dim == 16
+    assert Unet(config, image_size=32).config == config.replace(image_size=32)
+    with pytest.raises(ValueError, match="embed_dim"):
+        config.replace(embed_dim=0)
+
+
+def test_unknown_fields_are_named_with_the_known_ones():
+    with pytest.raises(TypeError, match=r"\['dim'\].*embed_dim"):
+        Unet(dim=16)  # the old alias is gone: one name per option
+    with pytest.raises(TypeError, match="middle_attention"):
+        EfficientUnet(middle_attention=False)  # a Unet-only field
+    with pytest.raises(TypeError, match="sizes"):
+        UnetConfig().replace(sizes=3)
+    with pytest.raises(ValueError, match=r"\['dim', 'flash'\].*skip_connection_scaling"):
+        EfficientUnetConfig.from_dict({"dim": 16, "flash": True})
+    with pytest.raises(ValueError, match="resblock_updown"):
+        network_from_config("EfficientUnet", {"resblock_updown": True})
+    with pytest.raises(TypeError, match="config"):
+        Unet(EfficientUnetConfig())
+    with pytest.raises(TypeError, match="config"):
+        Unet({"embed_dim": 16})
+    with pytest.raises(TypeError, match="config"):
+        network_for(NetworkConfig())
+
+
+@pytest.mark.parametrize("cls,field,value", [
+    (UnetConfig, "embed_dim", 0), (UnetConfig, "channels", "3"), (UnetConfig, "channel_mult", ()),
+    (UnetConfig, "channel_mult", (1, 0)), (UnetConfig, "attention_type", "linear"),
+    (UnetConfig, "init_conv_kernel_size", 2), (UnetConfig, "dropout", 1.0), (UnetConfig, "num_res_blocks", (1, 2)),
+    (UnetConfig, "num_res_blocks", None), (UnetConfig, "attention_levels", (True,)),
+    (UnetConfig, "feature_pooling_type", "max"), (UnetConfig, "cond_on_text", "yes"),
+    (UnetConfig, "cond_dim", -1), (UnetConfig, "attention_resolutions", (12,)),
+    (EfficientUnetConfig, "num_res_blocks", (0, 1, 1, 1, 1)), (EfficientUnetConfig, "skip_connection_scaling", 2),
+])
+def test_bad_config_values_name_the_field(cls, field, value):
+    with pytest.raises(ValueError, match=field):
+        cls(**{field: value})

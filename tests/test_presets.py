@@ -1,13 +1,15 @@
 """Presets: names, parameter counts of the reference sizes (meta device), the tiny CPU presets."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from imagen_lib.nn import presets
+from imagen_lib.nn.config import EfficientUnetConfig, UnetConfig
 from imagen_lib.nn.efficient_unet import EfficientUnet
-from imagen_lib.nn.networks import network_from_config
+from imagen_lib.nn.networks import network_from_config, network_kind
 from imagen_lib.nn.unet import Unet
 
 # NeMo's Imagen table (seed 000): preset -> (class, stated size in millions)
@@ -16,13 +18,15 @@ REFERENCE = {
     "sr256-600m": (EfficientUnet, 646), "sr1024-400m": (EfficientUnet, 427),
 }
 
+TINY = {"tiny-32": (Unet,), "tiny-e32": (EfficientUnet,), "tiny-e16": (EfficientUnet,), "tiny-sr64": (EfficientUnet,)}
+
 
 def count(net) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
 def test_names_list_reference_and_tiny_presets():
-    assert set(REFERENCE) | {"tiny-32", "tiny-e16", "tiny-e32", "tiny-sr64"} <= set(presets.names())
+    assert set(REFERENCE) | set(TINY) <= set(presets.names())
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -37,7 +41,7 @@ def test_reference_preset_sizes_within_10_percent_on_meta(name):
 
 def test_reference_configs_match_nemo_hyper_parameters():
     c = presets.config("base64-500m")
-    assert (c["embed_dim"], c["cond_dim"], c["channel_mult"], c["num_res_blocks"]) == (256, 512, [1, 2, 3, 4], 3)
+    assert (c["embed_dim"], c["cond_dim"], c["channel_mult"], c["num_res_blocks"]) == (256, 512, [1, 2, 3, 4], [3] * 4)
     assert c["attention_type"] == "fused" and sorted(c["attention_resolutions"]) == [8, 16, 32]
     assert presets.config("base64-2b")["embed_dim"] == 512 and presets.config("base64-2b")["cond_dim"] == 2048
     c = presets.config("sr256-600m")
@@ -47,7 +51,7 @@ def test_reference_configs_match_nemo_hyper_parameters():
 
 def test_build_applies_overrides_and_rejects_unknown_names():
     net = presets.build("tiny-32", text_embed_dim=32, device="meta")
-    assert net.text_embed_dim == 32 and net.config["text_embed_dim"] == 32
+    assert net.text_embed_dim == 32 and net.config.text_embed_dim == 32
     assert presets.build("tiny-32", dtype=torch.bfloat16).init_conv.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="name"):
         presets.build("base64-9b")
@@ -57,7 +61,7 @@ def test_build_applies_overrides_and_rejects_unknown_names():
 def test_preset_config_round_trips(name):
     net = presets.build(name, device="meta")
     with torch.device("meta"):
-        rebuilt = network_from_config(type(net).__name__, json.loads(json.dumps(net.config)))
+        rebuilt = network_from_config(type(net).__name__, json.loads(json.dumps(net.config.to_dict())))
     assert rebuilt.config == net.config and count(rebuilt) == count(net)
 
 
@@ -86,5 +90,25 @@ def test_tiny_presets_train_on_cpu(name, size, cls):
 
 def test_tiny_32_attends_only_at_16_and_8_px():
     net = presets.build("tiny-32", device="meta")
-    assert net.config["attention_resolutions"] == [16, 8] and net.config["image_size"] == 32
+    assert net.config.attention_resolutions == (16, 8) and net.config.image_size == 32
     assert all(step.attn is None for step in net.down[:1])  # the 32 px level has no attention
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_presets_are_frozen_configs_of_their_network(name):
+    config = presets.get(name)
+    assert presets.PRESETS[name] is config and isinstance(config, (UnetConfig, EfficientUnetConfig))
+    assert presets.config(name) == config.to_dict() and json.loads(json.dumps(presets.config(name))) == config.to_dict()
+    assert network_kind(config) == {**REFERENCE, **TINY}[name][0].__name__
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.embed_dim = 1
+
+
+def test_build_overrides_are_config_fields():
+    net = presets.build("tiny-e16", device="meta", attention_pos_emb=False)
+    assert net.config == presets.get("tiny-e16").replace(attention_pos_emb=False)
+    assert presets.get("tiny-e16").attention_pos_emb  # the preset itself is unchanged
+    with pytest.raises(TypeError, match="attention_resolutions"):
+        presets.build("tiny-e16", device="meta", attention_resolutions=(8,))  # a Unet-only field
+    with pytest.raises(ValueError, match="name"):
+        presets.get("tiny-64")

@@ -17,6 +17,7 @@ from imagen_lib.nn.attention import TextContext, make_text_context
 from imagen_lib.nn.layers import NoiseEmbedding, mlp
 
 PoolingType = Literal["attention", "mean"]
+POOLING_TYPES = ("attention", "mean")
 
 
 def _check_batch_scalar(name: str, value, batch: int, device) -> Tensor:
@@ -50,8 +51,8 @@ class TextConditioner(nn.Module):
 
     def __init__(self, text_embed_dim: int, cond_dim: int, use_null_token: bool, pooling: PoolingType):
         super().__init__()
-        if pooling not in ("attention", "mean"):
-            raise ValueError(f"feature_pooling_type: expected 'attention' or 'mean', got {pooling!r}")
+        if pooling not in POOLING_TYPES:
+            raise ValueError(f"feature_pooling_type: expected one of {POOLING_TYPES}, got {pooling!r}")
         self.text_embed_dim, self.pooling = text_embed_dim, pooling
         self.proj = nn.Sequential(nn.LayerNorm(text_embed_dim), nn.Linear(text_embed_dim, cond_dim))
         self.null_token = nn.Parameter(0.02 * torch.randn(1, 1, cond_dim)) if use_null_token else None

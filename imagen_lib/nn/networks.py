@@ -1,6 +1,7 @@
 """The table of network classes that checkpoints name, rebuilding a network from its config, and NeMo configs.
 
-An explicit table (no ``globals()`` look-up): a checkpoint can only ever build one of these classes.
+Explicit tables (no ``globals()`` look-up): a checkpoint can only ever build one of these classes, and a
+config's type says which (``network_for(config)``).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from typing import Any, Literal, Union
 
 from torch import nn
 
+from imagen_lib.nn.config import EfficientUnetConfig, NetworkConfig, UnetConfig
 from imagen_lib.nn.efficient_unet import EfficientUnet
 from imagen_lib.nn.unet import Unet
 
 NETWORKS: dict[str, type[nn.Module]] = {"Unet": Unet, "EfficientUnet": EfficientUnet}
+# config class -> the network it builds (``net.config_class`` the other way)
+NETWORK_OF_CONFIG: dict[type[NetworkConfig], type[nn.Module]] = {UnetConfig: Unet, EfficientUnetConfig: EfficientUnet}
 
 # NeMo option name -> ours, where they differ
 _NEMO_RENAMES = {"num_resblocks": "num_res_blocks", "atnn_enabled_at": "attention_levels",
@@ -22,12 +26,28 @@ _NEMO_IGNORED = {"flash_attention"}
 
 
 def network_from_config(kind: str, config: dict[str, Any]) -> Union[Unet, EfficientUnet]:
-    """Build ``NETWORKS[kind](**config)``; ``config`` is a network's ``.config`` (plain JSON values)."""
+    """Build network ``kind`` (a :data:`NETWORKS` name) from ``config``, a plain dict of its config's fields
+    (``net.config.to_dict()``, what a checkpoint stores); unknown fields raise a ValueError naming them."""
     if kind not in NETWORKS:
         raise ValueError(f"kind: expected one of {sorted(NETWORKS)}, got {kind!r}")
     if not isinstance(config, dict):
-        raise TypeError(f"config: expected a dict of constructor arguments, got {type(config).__name__}")
-    return NETWORKS[kind](**config)
+        raise TypeError(f"config: expected a dict of config fields, got {type(config).__name__}")
+    cls = NETWORKS[kind]
+    return cls(cls.config_class.from_dict(config))
+
+
+def network_kind(config: NetworkConfig) -> str:
+    """The :data:`NETWORKS` name of the network ``config`` builds (what a checkpoint records as its kind)."""
+    if type(config) not in NETWORK_OF_CONFIG:
+        raise TypeError(f"config: expected one of {[c.__name__ for c in NETWORK_OF_CONFIG]}, "
+                        f"got {type(config).__name__}")
+    return NETWORK_OF_CONFIG[type(config)].__name__
+
+
+def network_for(config: NetworkConfig) -> Union[Unet, EfficientUnet]:
+    """The network ``config`` describes: a ``UnetConfig`` builds a Unet, an ``EfficientUnetConfig`` an
+    EfficientUnet."""
+    return NETWORKS[network_kind(config)](config)
 
 
 def from_nemo(unet_type: Literal["base", "sr-unet", "sr"], unet: dict[str, Any], text_embed_dim: int = 1024,
@@ -40,7 +60,7 @@ def from_nemo(unet_type: Literal["base", "sr-unet", "sr"], unet: dict[str, Any],
         unet: the ``model.unet`` mapping; NeMo's names are accepted (``num_resblocks``, ``atnn_enabled_at``,
             ``low_res_cond``; ``stride`` must be 2; ``flash_attention`` is ignored, SDPA chooses kernels).
         text_embed_dim: NeMo's ``model.conditioning.embed_dim`` (1024).
-        overrides: constructor arguments applied last (e.g. ``use_null_token=True``).
+        overrides: config fields applied last (e.g. ``use_null_token=True``).
     """
     table = {"base": (Unet, False), "sr-unet": (Unet, True), "sr": (EfficientUnet, True)}
     if unet_type not in table:

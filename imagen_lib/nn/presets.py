@@ -1,7 +1,9 @@
 """Named network presets (as DiT names ``DiT-XL/2``): Imagen's reference sizes and small CPU nets.
 
-``names()`` lists them; ``build(name, **overrides)`` returns the network (``device="meta"`` builds it
-without allocating memory, e.g. to count parameters of the 2B model).
+``PRESETS`` maps each name to its config (a :class:`~imagen_lib.nn.config.UnetConfig` or
+:class:`~imagen_lib.nn.config.EfficientUnetConfig`; the type says which network). ``names()`` lists them,
+``get(name)`` returns the config, ``config(name)`` its plain dict, and ``build(name, **overrides)`` the network
+(``device="meta"`` builds it without allocating memory, e.g. to count parameters of the 2B model).
 
 Reference presets follow NeMo's Imagen configs (seed 000 and NeMo's example yaml files); the stated sizes
 are NeMo's table. ``text_embed_dim`` is 1024 (T5-Large) throughout.
@@ -28,55 +30,56 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
-from torch import nn
 
+from imagen_lib.nn.config import EfficientUnetConfig, UnetConfig
 from imagen_lib.nn.efficient_unet import EfficientUnet
+from imagen_lib.nn.networks import network_for
 from imagen_lib.nn.unet import Unet
 
-_BASE64 = dict(image_size=64, channel_mult=[1, 2, 3, 4], num_res_blocks=3, attention_type="fused",
-               attention_resolutions=[32, 16, 8], num_attn_heads=4, per_head_channels=64,
-               text_embed_dim=1024, feature_pooling_type="attention")
+_BASE64 = UnetConfig(image_size=64, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_type="fused",
+                     attention_resolutions=(32, 16, 8), num_attn_heads=4, per_head_channels=64,
+                     text_embed_dim=1024, feature_pooling_type="attention")
 
-PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "base64-500m": (Unet, dict(_BASE64, embed_dim=256, cond_dim=512)),
-    "base64-2b": (Unet, dict(_BASE64, embed_dim=512, cond_dim=2048)),
-    "sr256-400m": (Unet, dict(
-        embed_dim=128, image_size=256, channel_mult=[1, 2, 4, 6, 6], num_res_blocks=[2, 2, 3, 4, 3],
-        attention_type="fused", attention_resolutions=[32, 16], num_attn_heads=4, per_head_channels=64,
-        cond_dim=512, text_embed_dim=1024, lowres_cond=True)),
-    "sr256-600m": (EfficientUnet, dict(
-        embed_dim=128, image_size=256, channel_mult=[1, 2, 4, 8, 8], num_res_blocks=[2, 4, 8, 8, 8],
-        attention_type="fused", attention_levels=[False, False, False, True, True], num_attn_heads=8,
-        per_head_channels=64, cond_dim=512, text_embed_dim=1024, lowres_cond=True)),
-    "sr1024-400m": (EfficientUnet, dict(
-        embed_dim=128, image_size=1024, channel_mult=[1, 2, 4, 8], num_res_blocks=[2, 4, 8, 16],
-        attention_type="cross", attention_levels=[False, False, False, True], num_attn_heads=8,
-        per_head_channels=64, cond_dim=512, text_embed_dim=1024, lowres_cond=True)),
+PRESETS: dict[str, Union[UnetConfig, EfficientUnetConfig]] = {
+    "base64-500m": _BASE64.replace(embed_dim=256, cond_dim=512),
+    "base64-2b": _BASE64.replace(embed_dim=512, cond_dim=2048),
+    "sr256-400m": UnetConfig(
+        embed_dim=128, image_size=256, channel_mult=(1, 2, 4, 6, 6), num_res_blocks=(2, 2, 3, 4, 3),
+        attention_type="fused", attention_resolutions=(32, 16), num_attn_heads=4, per_head_channels=64,
+        cond_dim=512, text_embed_dim=1024, lowres_cond=True),
+    "sr256-600m": EfficientUnetConfig(
+        embed_dim=128, image_size=256, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=(2, 4, 8, 8, 8),
+        attention_type="fused", attention_levels=(False, False, False, True, True), num_attn_heads=8,
+        per_head_channels=64, cond_dim=512, text_embed_dim=1024, lowres_cond=True),
+    "sr1024-400m": EfficientUnetConfig(
+        embed_dim=128, image_size=1024, channel_mult=(1, 2, 4, 8), num_res_blocks=(2, 4, 8, 16),
+        attention_type="cross", attention_levels=(False, False, False, True), num_attn_heads=8,
+        per_head_channels=64, cond_dim=512, text_embed_dim=1024, lowres_cond=True),
     # 32 px text-to-image base for CPU work: levels at 32, 16, 8 px, cross-attention at 16 and 8 px + middle.
-    "tiny-32": (Unet, dict(
-        embed_dim=32, image_size=32, channel_mult=[1, 2, 3], num_res_blocks=[1, 2, 2], attention_type="cross",
-        attention_resolutions=[16, 8], num_attn_heads=4, per_head_channels=32, cond_dim=128, text_embed_dim=64)),
+    "tiny-32": UnetConfig(
+        embed_dim=32, image_size=32, channel_mult=(1, 2, 3), num_res_blocks=(1, 2, 2), attention_type="cross",
+        attention_resolutions=(16, 8), num_attn_heads=4, per_head_channels=32, cond_dim=128, text_embed_dim=64),
     # 32 px text-to-image base in the Efficient U-Net layout: levels at 32, 16, 8, 4 px with 32 .. 256 channels,
     # most parameters at 8 and 4 px where fused attention reads the text; about twice the training images/s of
     # tiny-32 on a CPU.
-    "tiny-e32": (EfficientUnet, dict(
-        embed_dim=32, image_size=32, channel_mult=[1, 2, 4, 8], num_res_blocks=[1, 1, 1, 2], attention_type="fused",
-        attention_levels=[False, False, True, True], num_attn_heads=4, per_head_channels=32, cond_dim=128,
-        text_embed_dim=64, lowres_cond=False)),
+    "tiny-e32": EfficientUnetConfig(
+        embed_dim=32, image_size=32, channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 1, 1, 2), attention_type="fused",
+        attention_levels=(False, False, True, True), num_attn_heads=4, per_head_channels=32, cond_dim=128,
+        text_embed_dim=64, lowres_cond=False),
     # 16 px text-to-image base for CPU work, the shapes quickstart's: levels at 16, 8, 4 px with 32 .. 128
     # channels, fused attention at 8 and 4 px that sees where each token sits (attention_pos_emb: without it
     # the base drew shapes at random places whatever the caption said). A step costs a quarter of tiny-e32's.
-    "tiny-e16": (EfficientUnet, dict(
-        embed_dim=32, image_size=16, channel_mult=[1, 2, 4], num_res_blocks=[1, 1, 2], attention_type="fused",
-        attention_levels=[False, True, True], num_attn_heads=4, per_head_channels=32, cond_dim=128,
-        text_embed_dim=64, attention_pos_emb=True, lowres_cond=False)),
+    "tiny-e16": EfficientUnetConfig(
+        embed_dim=32, image_size=16, channel_mult=(1, 2, 4), num_res_blocks=(1, 1, 2), attention_type="fused",
+        attention_levels=(False, True, True), num_attn_heads=4, per_head_channels=32, cond_dim=128,
+        text_embed_dim=64, attention_pos_emb=True, lowres_cond=False),
     # 32 -> 64 px super-resolution for CPU work: levels at 64, 32, 16, 8 px with 16 .. 128 channels (few
     # channels where pixels are many: ~40% faster per step than 32 .. 128 at similar size), cross-attention
     # at 16 and 8 px.
-    "tiny-sr64": (EfficientUnet, dict(
-        embed_dim=16, image_size=64, channel_mult=[1, 2, 4, 8], num_res_blocks=[1, 2, 2, 3], attention_type="cross",
-        attention_levels=[False, False, True, True], num_attn_heads=4, per_head_channels=32, cond_dim=128,
-        text_embed_dim=64, lowres_cond=True)),
+    "tiny-sr64": EfficientUnetConfig(
+        embed_dim=16, image_size=64, channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 2, 2, 3), attention_type="cross",
+        attention_levels=(False, False, True, True), num_attn_heads=4, per_head_channels=32, cond_dim=128,
+        text_embed_dim=64, lowres_cond=True),
 }
 
 # NeMo's stated parameter counts (millions) of the reference presets.
@@ -90,26 +93,30 @@ def names() -> list[str]:
     return list(PRESETS)
 
 
-def config(name: str) -> dict[str, Any]:
-    """A copy of a preset's constructor arguments."""
+def get(name: str) -> Union[UnetConfig, EfficientUnetConfig]:
+    """Preset ``name``'s config (frozen: ``get(name).replace(...)`` for a variant)."""
     if name not in PRESETS:
         raise ValueError(f"name: unknown preset {name!r}; expected one of {names()}")
-    return {k: (list(v) if isinstance(v, list) else v) for k, v in PRESETS[name][1].items()}
+    return PRESETS[name]
+
+
+def config(name: str) -> dict[str, Any]:
+    """Preset ``name``'s config as a plain dict (``get(name).to_dict()``, what a checkpoint stores)."""
+    return get(name).to_dict()
 
 
 def build(name: str, *, device: Union[None, str, torch.device] = None, dtype: Optional[torch.dtype] = None,
           **overrides: Any) -> Union[Unet, EfficientUnet]:
-    """Build preset ``name`` with constructor arguments ``overrides`` replacing the preset's.
+    """Build preset ``name`` with config fields ``overrides`` replacing the preset's.
 
     Args:
         name: one of :func:`names`.
         device: where parameters are created (default CPU); ``"meta"`` allocates nothing.
         dtype: parameter dtype (default float32).
-        overrides: any constructor argument of the preset's class (e.g. ``text_embed_dim=512``).
+        overrides: any field of the preset's config (e.g. ``text_embed_dim=512``); an unknown one raises a
+            TypeError naming it.
     """
-    cls = PRESETS[name][0] if name in PRESETS else None
-    kwargs = config(name)
-    kwargs.update(overrides)
+    net_config = get(name).replace(**overrides)
     with torch.device(device if device is not None else "cpu"):
-        net = cls(**kwargs)
+        net = network_for(net_config)
     return net if dtype is None else net.to(dtype)
