@@ -19,14 +19,17 @@ from imagen_lib.config import (
     apply_overrides,
     build_cascade,
     build_network,
+    data_block,
     from_dict,
     from_nemo,
     load_config,
     parallel_settings,
     parse_config,
+    sample_settings,
     stage_from_nemo,
     stage_training,
     to_dict,
+    trainer_settings,
 )
 from imagen_lib.config.schema import (
     DATA_BLOCKS,
@@ -125,11 +128,11 @@ def test_unknown_keys_name_the_dotted_key_and_list_the_allowed_ones(where, value
     ("stages.0.network=tiny-99", r"^stages\.0\.network: preset: expected one of \[.*'tiny-32'"),
     ("stages.0.network.kind=null", r"^stages\.0\.network\.preset: expected exactly one of preset"),
     ("stages.0.train.batch_size=2.5", r"^stages\.0\.train\.batch_size: expected an int, got 2\.5"),
-    ("trainer.lr=fast", r"^trainer\.lr: expected a number or a list of a number, got 'fast'"),
+    ("trainer.lr=fast", r"^trainer\.lr: expected a number or a list of numbers, got 'fast'"),
     ("cond_drop_prob=[0.1]", r"^cond_drop_prob: expected a number, got \[0\.1\]"),
     ("data.flip=maybe", r"^data\.flip: expected true or false, got 'maybe'"),
     ("parallel_stages.threads_per_stage=0", r"^parallel_stages\.threads_per_stage: expected an int >= 1, got 0"),
-    ("sample.prompts=a red circle", r"^sample\.prompts: expected a list of a string, got 'a red circle'"),
+    ("sample.prompts=a red circle", r"^sample\.prompts: expected a list of strings, got 'a red circle'"),
     ("stages=[]", r"^stages: expected a non-empty list"),
     ("text_encoder.vocabulary=birds", r"^text_encoder\.vocabulary: expected 'shapes' or a list of words"),
 ])
@@ -146,6 +149,10 @@ def test_missing_keys_and_network_arguments_name_the_key():
         parse_config(config)
     with pytest.raises(ConfigError, match=r"^data\.urls: missing"):
         parse_config({**tiny_config(text=False), "data": {"type": "shards"}})
+    with torch.device("meta"):  # a raw block builds as its parsed form does
+        by_name = build_network("tiny-e16", text_embed_dim=None, lowres_cond=False)
+        parsed = build_network(from_dict(NetworkBlock, {"preset": "tiny-e16"}), text_embed_dim=None, lowres_cond=False)
+    assert by_name.config == parsed.config and by_name.text_embed_dim is None
     config = tiny_config(text=False)
     config["stages"][0]["network"]["kind"] = "Resnet"
     with pytest.raises(ConfigError, match=r"^stages\.0\.network\.kind: kind: expected one of"):
@@ -284,3 +291,13 @@ def test_the_main_jobs_overrides_keep_working():
     seq = apply_overrides(config, ["stages.0.train.steps=150", "parallel_stages=null"])
     assert parallel_settings(seq) is None and stage_training(seq, 0)["steps"] == 150
     assert parallel_settings({**config, "parallel_stages": True}) == {"threads_per_stage": 1, "join_at_step": None}
+
+
+def test_settings_read_only_their_own_block():
+    assert sample_settings({}) == {"prompts": [], "seed": 0, "num_images_per_prompt": 1}
+    assert trainer_settings({"trainer": {"lr": [1e-3, 2e-3]}}).lr == [1e-3, 2e-3]
+    assert data_block({"data": {"length": 8}}) == ("shapes", {"length": 8, "seed": 0, "supersample": 4}, 0)
+    with pytest.raises(ConfigError, match=r"^trainer\.lrr: unknown key"):
+        trainer_settings({"trainer": {"lrr": 1}})
+    with pytest.raises(ConfigError, match=r"^stages: missing"):
+        stage_training({}, 0)

@@ -1,7 +1,8 @@
 """What a configuration describes, built: the cascade, the training data set and the settings of a run.
 
 Every function takes a configuration dict (or a parsed :class:`~imagen_lib.config.schema.RunConfig`) and
-checks it with :func:`~imagen_lib.config.schema.parse_config` first.
+checks what it reads: :func:`build_cascade` the whole configuration, the others only their blocks
+(:func:`~imagen_lib.config.schema.parse_block`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from imagen_lib.config.schema import (
     ShardsData,
     StageConfig,
     TextEncoderConfig,
+    parse_block,
     parse_config,
 )
 from imagen_lib.diffusion import diffusion_from_config
@@ -56,9 +58,13 @@ def _vocabulary(value: Union[None, str, list[str]]) -> Optional[list[str]]:
     return value
 
 
-def build_network(block: NetworkBlock, *, text_embed_dim: Optional[int], lowres_cond: bool, where: str = "network"):
-    """The network of a ``network`` block; ``text_embed_dim`` (None: no text) and ``lowres_cond`` come from the
-    cascade, over a preset's values, unless the block's ``config`` sets them."""
+def build_network(block: Union[str, dict, NetworkBlock], *, text_embed_dim: Optional[int], lowres_cond: bool,
+                  where: str = "network"):
+    """The network of a ``network`` block (a preset name, ``{preset, config}`` or ``{kind, config}``);
+    ``text_embed_dim`` (None: no text) and ``lowres_cond`` come from the cascade, over a preset's values,
+    unless the block's ``config`` sets them. ``where`` names the block in errors."""
+    if not isinstance(block, NetworkBlock):
+        block = from_dict(NetworkBlock, {"preset": block} if isinstance(block, str) else block, where)
     arguments = {"text_embed_dim": text_embed_dim, "lowres_cond": lowres_cond, **block.config}
     try:
         if block.preset is not None:
@@ -119,24 +125,24 @@ def _text_embed_dim(run: RunConfig, encoder) -> Optional[int]:
 
 def trainer_settings(config: Config) -> TrainerSettings:
     """The :class:`~imagen_lib.training.trainer.TrainerSettings` of the ``trainer`` block."""
-    return parse_config(config).trainer
+    return parse_block(config, "trainer")
 
 
 def stage_training(config: Config, k: int) -> dict:
     """``{"steps", "batch_size"}`` of stage ``k`` (defaults 1000 and 16)."""
-    train = parse_config(config).stages[k].train
+    train = parse_block(config, "stages")[k].train
     return {"steps": train.steps, "batch_size": train.batch_size}
 
 
 def parallel_settings(config: Config) -> Optional[dict]:
     """``{"threads_per_stage", "join_at_step"}`` of the ``parallel_stages`` block, or None without one."""
-    block = parse_config(config).parallel_stages
+    block = parse_block(config, "parallel_stages")
     return None if block is None else to_dict(block)
 
 
 def sample_settings(config: Config) -> dict:
     """``{"prompts", "seed", "num_images_per_prompt"}`` of the ``sample`` block."""
-    return to_dict(parse_config(config).sample)
+    return to_dict(parse_block(config, "sample"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,7 +153,7 @@ def sample_settings(config: Config) -> dict:
 def data_block(config: Config) -> tuple[str, dict, int]:
     """``(type, options, num_workers)`` of the ``data`` block (default ``{type: shapes}``), checked; the
     options are the data set's keyword arguments."""
-    data = parse_config(config).data
+    data = parse_block(config, "data")
     options = {k: v for k, v in to_dict(data).items() if k not in ("type", "num_workers")}
     if isinstance(data, FolderData):
         if data.extensions is None:
@@ -160,7 +166,7 @@ def data_block(config: Config) -> tuple[str, dict, int]:
 def precomputed_text_dim(config: Config) -> Optional[int]:
     """Width of the precomputed caption embeddings the ``data`` block reads (None when it reads captions):
     the store's for a folder with ``embeddings``, the first sample's ``emb.npy`` for precached shards."""
-    data = parse_config(config).data
+    data = parse_block(config, "data")
     with _data_errors(data.type):
         if isinstance(data, FolderData) and data.embeddings is not None:
             from imagen_lib.data.embedding_width import store_embedding_width
@@ -181,14 +187,13 @@ def build_dataset(config: Config, image_size: int) -> tuple[Any, int]:
     (it splits itself across processes and workers). Without a ``text_encoder`` block the data must carry
     precomputed embeddings, and ``sample.prompts`` must be empty (there is nothing to encode them with).
     """
-    run = parse_config(config)
-    kind, options, num_workers = data_block(run)
+    kind, options, num_workers = data_block(config)
     if kind == "shapes":
         from imagen_lib.data.shapes import ShapesDataset
 
         return ShapesDataset(image_size=image_size, **options), num_workers
-    has_encoder = run.text_encoder is not None
-    if not has_encoder and run.sample.prompts:
+    has_encoder = parse_block(config, "text_encoder") is not None
+    if not has_encoder and parse_block(config, "sample").prompts:
         raise ValueError(
             "sample.prompts: this config has no text_encoder (it trains on precomputed embeddings), so prompts "
             "cannot be encoded; remove them and sample the checkpoint with the encoder afterwards"

@@ -48,7 +48,8 @@ def describe(hint: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(describe(a) for a in args)
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        return f"a list of {describe(args[0])}" if args else "a list"
+        plural = {bool: "true/false values", int: "ints", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], describe(args[0]))}" if args else "a list"
     if origin in (dict, Mapping) or hint is dict:
         return "a mapping"
     if dataclasses.is_dataclass(hint):

@@ -10,11 +10,11 @@ configure); :func:`~imagen_lib.config.convert.from_dict` checks them. NeMo's nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal, Optional, Union, get_type_hints
 
 from imagen_lib.cascade import SamplerSettings
-from imagen_lib.config.convert import check_arguments, field_names, from_dict
+from imagen_lib.config.convert import ConfigError, check_arguments, check_value, field_names, from_dict
 from imagen_lib.diffusion import DIFFUSIONS
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.nn import presets
@@ -275,10 +275,32 @@ class RunConfig:
     def __post_init__(self):
         if not self.stages:
             raise ValueError("stages: expected a non-empty list of stage blocks")
-        if isinstance(self.parallel_stages, bool):
-            self.parallel_stages = ParallelConfig() if self.parallel_stages else None
+        self.parallel_stages = _parallel(self.parallel_stages)
+
+
+def _parallel(value: Union[None, bool, ParallelConfig]) -> Optional[ParallelConfig]:
+    """``parallel_stages: true`` is short for its defaults, ``false`` for none."""
+    return (ParallelConfig() if value else None) if isinstance(value, bool) else value
 
 
 def parse_config(config: Union[dict, RunConfig]) -> RunConfig:
     """A configuration dict checked and converted to :class:`RunConfig` (a RunConfig passes through)."""
     return config if isinstance(config, RunConfig) else from_dict(RunConfig, config)
+
+
+def parse_block(config: Union[dict, RunConfig], name: str) -> Any:
+    """One top-level block of a configuration, checked as :func:`parse_config` checks it (its default when
+    the configuration has none); the rest of the configuration is not read."""
+    if isinstance(config, RunConfig):
+        return getattr(config, name)
+    if not isinstance(config, dict):
+        raise ConfigError(f"config: expected a mapping, got {config!r}")
+    spec = RunConfig.__dataclass_fields__[name]
+    if name not in config:
+        if spec.default is not MISSING:
+            return spec.default
+        if spec.default_factory is not MISSING:
+            return spec.default_factory()
+        raise ConfigError(f"{name}: missing")
+    value = check_value(config[name], get_type_hints(RunConfig)[name], name)
+    return _parallel(value) if name == "parallel_stages" else value
