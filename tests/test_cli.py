@@ -12,7 +12,7 @@ from PIL import Image
 from tiny_cascade import tiny_config
 
 from imagen_lib.cli import COMMANDS, main
-from imagen_lib.config import apply_overrides, build_cascade, load_config
+from imagen_lib.config import apply_overrides, build_cascade, from_nemo, load_config
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["sample", "--help"]])
@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
     config = root / "tiny.json"
     config.write_text(json.dumps(tiny_config(steps=2)))
     out = root / "run"
-    assert main(["train", str(config), "--out", str(out), "--set", "stages.1.train.steps=1", "--no-progress", "--cpu"]) == 0
+    assert main(["train", str(config), "--out", str(out), "--set", "stages.1.train.steps=1", "--no-progress",
+                 "--cpu"]) == 0
     return config, out
 
 
@@ -93,27 +94,29 @@ def test_overrides_use_dotted_keys_and_yaml_values():
 
 def test_config_errors_name_the_key():
     config = tiny_config(text=False)
-    config["stages"][0]["unett"] = "tiny-32"
-    with pytest.raises(ValueError, match=r"stages\.0.*unett"):
+    config["stages"][0]["networkk"] = "tiny-32"
+    with pytest.raises(ValueError, match=r"stages\.0.*networkk"):
         build_cascade(config)
     config = tiny_config(text=False)
-    config["stages"][0]["preconditioning_type"] = "VE"
-    with pytest.raises(ValueError, match="preconditioning_type"):
+    config["stages"][0]["diffusion"]["kind"] = "VE"
+    with pytest.raises(ValueError, match=r"stages\.0\.diffusion\.kind"):
         build_cascade(config)
     config = tiny_config(text=False)
-    config["stages"][0]["preconditioning"] = {"p_mean": -1.0, "pred_objective": "v"}
+    config["stages"][0]["diffusion"]["config"] = {"P_mean": -1.0, "pred_objective": "v"}
     with pytest.raises(ValueError, match="pred_objective"):
         build_cascade(config)
 
 
 def test_nemo_vocabulary_and_presets_build_the_intended_cascade():
     config = tiny_config(text=True)
+    for stage in config["stages"]:
+        del stage["network"], stage["diffusion"]
     config["stages"][0].update(image_size=32, unet="tiny-32", preconditioning_type="EDM",
                                preconditioning={"loss_type": "l1", "p_mean": -1.0, "p_std": 1.4},
                                sampler={"step": 7, "cfg": 4.5})
     config["stages"][1].update(image_size=64, unet={"preset": "tiny-sr64", "embed_dim": 16},
                                preconditioning_type="DDPM", preconditioning={"pred_objective": "v"})
-    cascade = build_cascade(config)
+    cascade = build_cascade(from_nemo(config))
     base, sr = cascade.stages
     assert base.net.text_embed_dim == cascade.text_encoder.embed_dim == 32  # the encoder's width, over the preset's
     assert base.diffusion.P_mean == -1.0 and base.diffusion.loss_type == "l1"

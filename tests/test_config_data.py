@@ -2,6 +2,7 @@
 with captions encoded online or precomputed by ``imagen-lib precache`` (then no text encoder is ever loaded),
 and the Trainer's handling of data sets that split themselves across processes."""
 
+import copy
 import json
 
 import numpy as np
@@ -18,8 +19,8 @@ from imagen_lib.data.shards import ShardDataset, write_shards
 from imagen_lib.images import to_pil
 
 T5 = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 2}
-UNET = {"type": "Unet", "embed_dim": 16, "image_size": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-        "attention_resolutions": [8], "num_attn_heads": 2, "per_head_channels": 8}
+UNET = {"kind": "Unet", "config": {"embed_dim": 16, "image_size": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                   "attention_resolutions": [8], "num_attn_heads": 2, "per_head_channels": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def encoder_dir(tmp_path_factory):
 def config(data: dict, *, encoder: bool = True, prompts=("a red circle",), steps: int = 2) -> dict:
     cfg = {
         "seed": 0,
-        "stages": [{"image_size": 16, "unet": dict(UNET), "sampler": {"steps": 2, "cond_scale": 2.0},
+        "stages": [{"image_size": 16, "network": copy.deepcopy(UNET), "sampler": {"steps": 2, "cond_scale": 2.0},
                     "train": {"steps": steps, "batch_size": 4}}],
         "data": data,
         "trainer": {"lr": 1e-3, "ema_update_after_step": 0, "ema_update_every": 1},
@@ -215,10 +216,10 @@ def test_trainer_does_not_reshard_split_data_and_sets_the_epoch(shards):
 @pytest.mark.parametrize("data, match", [
     ({"type": "photos"}, r"data\.type.*folder.*shards"),
     ({"type": "folder"}, r"data\.root: missing"),
-    ({"type": "shards", "url": "x.tar"}, r"data \(shards\).*'url'"),
+    ({"type": "shards", "url": "x.tar"}, r"data\.url: unknown key; expected one of \['type', 'urls'"),
     ({"type": "folder", "root": "x", "num_workers": -1}, r"data\.num_workers"),
     ({"type": "folder", "root": "/no/such/folder"}, r"data \(folder\): root"),
-    ({"type": "folder", "root": "FOLDER", "crop": "middle"}, r"data \(folder\): crop"),
+    ({"type": "folder", "root": "FOLDER", "crop": "middle"}, r"data\.crop: expected one of \['center', 'random'\]"),
     ({"type": "shards", "urls": "/no/such/*.tar"}, r"data \(shards\): urls"),
 ])
 def test_data_errors_name_the_key(folder, data, match):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -10,10 +11,11 @@ import torch
 
 TEXT_DIM = 32
 T5_KWARGS = {"d_model": TEXT_DIM, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4}
-BASE_NET = {"type": "Unet", "embed_dim": 16, "image_size": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-            "attention_resolutions": [4], "num_attn_heads": 2, "per_head_channels": 8}
-SR_NET = {"type": "EfficientUnet", "embed_dim": 16, "image_size": 16, "channel_mult": [1, 2],
-          "num_res_blocks": [1, 1], "attention_levels": [False, True], "num_attn_heads": 2, "per_head_channels": 8}
+BASE_NET = {"kind": "Unet", "config": {"embed_dim": 16, "image_size": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                       "attention_resolutions": [4], "num_attn_heads": 2, "per_head_channels": 8}}
+SR_NET = {"kind": "EfficientUnet", "config": {
+    "embed_dim": 16, "image_size": 16, "channel_mult": [1, 2], "num_res_blocks": [1, 1],
+    "attention_levels": [False, True], "num_attn_heads": 2, "per_head_channels": 8}}
 
 
 def tiny_config(text: bool = True, trainable: bool = False, steps: int = 2) -> dict:
@@ -21,11 +23,11 @@ def tiny_config(text: bool = True, trainable: bool = False, steps: int = 2) -> d
     config = {
         "seed": 0,
         "stages": [
-            {"image_size": 8, "unet": dict(BASE_NET), "preconditioning_type": "EDM",
+            {"image_size": 8, "network": copy.deepcopy(BASE_NET), "diffusion": {"kind": "ElucidatedDiffusion"},
              "sampler": {"steps": 3, "cond_scale": 2.0}, "train": {"steps": steps, "batch_size": 4}},
-            {"image_size": 16, "unet": dict(SR_NET), "preconditioning_type": "DDPM",
-             "preconditioning": {"noise_schedule": "linear"}, "sampler": {"steps": 2, "cond_scale": 2.0},
-             "train": {"steps": steps, "batch_size": 4}},
+            {"image_size": 16, "network": copy.deepcopy(SR_NET),
+             "diffusion": {"kind": "GaussianDiffusionContinuous", "config": {"noise_schedule": "linear"}},
+             "sampler": {"steps": 2, "cond_scale": 2.0}, "train": {"steps": steps, "batch_size": 4}},
         ],
         "data": {"type": "shapes", "length": 64, "supersample": 1},
         "trainer": {"lr": 1e-3, "ema_update_after_step": 1, "ema_update_every": 1},

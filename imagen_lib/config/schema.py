@@ -1,0 +1,306 @@
+"""The configuration schema: one dataclass per block of a training configuration.
+
+A YAML (or JSON) configuration is the serialized form of :class:`RunConfig`; its stage blocks use the
+``{kind, config}`` pairs and the field names that :attr:`Cascade.config <imagen_lib.cascade.Cascade.config>`
+writes into a checkpoint, so a checkpoint's stage is a valid stage block. The keys a block may hold are its
+dataclass's fields (or, for ``diffusion.config`` and ``lowres_aug``, the arguments of the class they
+configure); :func:`~imagen_lib.config.convert.from_dict` checks them. NeMo's names are read only by
+:func:`imagen_lib.config.nemo.from_nemo`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal, Optional, Union, get_type_hints
+
+from imagen_lib.cascade import SamplerSettings
+from imagen_lib.config.convert import ConfigError, check_arguments, check_value, field_names, from_dict
+from imagen_lib.diffusion import DIFFUSIONS
+from imagen_lib.diffusion.noise_augment import NoiseAugmentation
+from imagen_lib.nn import presets
+from imagen_lib.training.trainer import TrainerSettings
+
+
+def _at_least(name: str, value: Optional[int], low: int, what: str = "an int") -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{name}: expected {what} >= {low}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# text encoder
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextEncoderConfig:
+    """``text_encoder``: a T5 loaded by name, or a small random T5 built locally.
+
+    Attributes:
+        name_or_path: a hub name or a local folder (``google/t5-v1_1-base``); or instead
+        build_tiny: ``T5Config`` fields of a small random T5 built locally (``{d_model: 64}``) ...
+        seed: ... from this seed, default 0 ...
+        vocabulary: ... with a word-level tokenizer: ``shapes`` (the built-in captions' words) or a list of
+            words; default None: bytes (ByT5's tokenizer).
+        max_length: tokens per caption, default 128.
+        trainable: train it jointly with the cascade, default False.
+        dtype: the weights' dtype of a loaded T5 (``bfloat16``), default None (as saved).
+    """
+
+    name_or_path: Optional[str] = None
+    build_tiny: Optional[dict] = None
+    seed: int = 0
+    vocabulary: Union[None, str, list[str]] = None
+    max_length: int = 128
+    trainable: bool = False
+    dtype: Optional[str] = None
+
+    def __post_init__(self):
+        if (self.name_or_path is None) == (self.build_tiny is None):
+            raise ValueError("name_or_path: expected exactly one of name_or_path and build_tiny")
+        if isinstance(self.vocabulary, str) and self.vocabulary != "shapes" or self.vocabulary == []:
+            raise ValueError(f"vocabulary: expected 'shapes' or a list of words, got {self.vocabulary!r}")
+        _at_least("max_length", self.max_length, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NetworkBlock:
+    """``network``: a preset, ``{preset: NAME, config: {overrides}}`` (a plain ``NAME`` is short for
+    ``{preset: NAME}``), or a network class and its arguments, ``{kind: Unet | EfficientUnet, config: {...}}``
+    (the form checkpoints write). ``text_embed_dim`` and ``lowres_cond`` come from the cascade (the text
+    width; True after the first stage) unless ``config`` sets them."""
+
+    preset: Optional[str] = None
+    kind: Optional[str] = None
+    config: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.preset is None) == (self.kind is None):
+            raise ValueError("preset: expected exactly one of preset (a preset name) and kind (a network class)")
+        if self.preset is not None and self.preset not in presets.names():
+            raise ValueError(f"preset: expected one of {presets.names()}, got {self.preset!r}")
+
+
+@dataclass
+class DiffusionBlock:
+    """``diffusion``: ``{kind: ElucidatedDiffusion | GaussianDiffusionContinuous, config: {...}}`` with the
+    class's own argument names (``P_mean``, ``P_std``, ``pred_objective``, ...); default EDM with the paper's
+    values."""
+
+    kind: str = "ElucidatedDiffusion"
+    config: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in DIFFUSIONS:
+            raise ValueError(f"kind: expected one of {sorted(DIFFUSIONS)}, got {self.kind!r}")
+        self.config = check_arguments(DIFFUSIONS[self.kind], self.config, "config")
+
+
+@dataclass
+class TrainBlock:
+    """A stage's ``train``: ``steps`` (default 1000) of ``batch_size`` images (default 16)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+
+    def __post_init__(self):
+        _at_least("steps", self.steps, 0)
+        _at_least("batch_size", self.batch_size, 1)
+
+
+@dataclass
+class StageConfig:
+    """One entry of ``stages`` (lowest resolution first).
+
+    Attributes:
+        image_size: side of the images this stage makes.
+        network: a :class:`NetworkBlock` (or a preset name).
+        diffusion: a :class:`DiffusionBlock`, default EDM.
+        sampler: :class:`~imagen_lib.cascade.SamplerSettings` fields.
+        lowres_aug: :class:`~imagen_lib.diffusion.noise_augment.NoiseAugmentation` arguments of a
+            super-resolution stage, default None (its defaults).
+        random_crop_size: train on random crops of this side (Imagen's SR stages: 64 of 256), default None.
+        train: a :class:`TrainBlock`.
+    """
+
+    image_size: int
+    network: Union[str, NetworkBlock]
+    diffusion: DiffusionBlock = field(default_factory=DiffusionBlock)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    lowres_aug: Optional[dict] = None
+    random_crop_size: Optional[int] = None
+    train: TrainBlock = field(default_factory=TrainBlock)
+
+    def __post_init__(self):
+        _at_least("image_size", self.image_size, 1)
+        if isinstance(self.network, str):
+            try:
+                self.network = NetworkBlock(preset=self.network)
+            except ValueError as error:
+                raise ValueError(f"network: {error}") from error
+        if self.lowres_aug is not None:
+            self.lowres_aug = check_arguments(NoiseAugmentation, self.lowres_aug, "lowres_aug")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ShapesData:
+    """``data: {type: shapes}``: :class:`~imagen_lib.data.shapes.ShapesDataset` (its defaults), read by
+    ``num_workers`` loader processes (default 0)."""
+
+    type: Literal["shapes"] = "shapes"
+    length: int = 100_000
+    seed: int = 0
+    supersample: int = 4
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _at_least("num_workers", self.num_workers, 0)
+
+
+@dataclass(kw_only=True)
+class FolderData:
+    """``data: {type: folder}``: :class:`~imagen_lib.data.folder.ImageTextFolder`, images with a same-named
+    .txt caption beside each (its arguments and defaults; ``extensions`` None: its default list)."""
+
+    type: Literal["folder"] = "folder"
+    root: str
+    embeddings: Optional[str] = None
+    token_length: Optional[int] = None
+    crop: Literal["center", "random"] = "center"
+    flip: bool = False
+    min_size: Optional[int] = None
+    extensions: Optional[list[str]] = None
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _at_least("num_workers", self.num_workers, 0)
+
+
+@dataclass(kw_only=True)
+class ShardsData:
+    """``data: {type: shards}``: :class:`~imagen_lib.data.shards.ShardDataset`, WebDataset shards (local
+    paths or any fsspec URL: a list, a brace pattern or a glob; its arguments and defaults)."""
+
+    type: Literal["shards"] = "shards"
+    urls: Union[str, list[str]]
+    text: Literal["auto", "texts", "embeddings"] = "auto"
+    token_length: Optional[int] = None
+    crop: Literal["center", "random"] = "center"
+    flip: bool = False
+    shuffle_buffer: int = 1000
+    shuffle_shards: bool = True
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _at_least("num_workers", self.num_workers, 0)
+
+
+DataConfig = Union[ShapesData, FolderData, ShardsData]
+DATA_BLOCKS: dict[str, type] = {"shapes": ShapesData, "folder": FolderData, "shards": ShardsData}
+# data.type -> the keys its block may hold besides ``type`` and ``num_workers`` (read off the dataclasses)
+DATA_KEYS: dict[str, set[str]] = {kind: set(field_names(cls)) - {"type", "num_workers"}
+                                  for kind, cls in DATA_BLOCKS.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleConfig:
+    """``sample``: the grid written after training: ``prompts`` (default none), ``seed`` (0),
+    ``num_images_per_prompt`` (1)."""
+
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    num_images_per_prompt: int = 1
+
+    def __post_init__(self):
+        _at_least("num_images_per_prompt", self.num_images_per_prompt, 1)
+
+
+@dataclass
+class ParallelConfig:
+    """``parallel_stages`` (single-process CPU runs): stages 1.. train in their own processes with
+    ``threads_per_stage`` torch threads each (default 1) while stage 0 trains on the rest; stage 0 waits for
+    them at step ``join_at_step`` (default None: at its end), then takes every thread."""
+
+    threads_per_stage: int = 1
+    join_at_step: Optional[int] = None
+
+    def __post_init__(self):
+        _at_least("threads_per_stage", self.threads_per_stage, 1)
+        _at_least("join_at_step", self.join_at_step, 1, "a step number")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole training configuration.
+
+    Attributes:
+        seed: weight initialisation and training noise, default None (torch's current state).
+        cond_drop_prob: text dropout for classifier-free guidance, default 0.1.
+        text_embed_dim: width of precomputed embeddings when there is no text encoder, default None (read
+            from the data's embeddings).
+        text_encoder: a :class:`TextEncoderConfig`, default None (precomputed embeddings or no text).
+        stages: the :class:`StageConfig` blocks, lowest resolution first.
+        data: :class:`ShapesData` (default), :class:`FolderData` or :class:`ShardsData`, by ``type``.
+        trainer: :class:`~imagen_lib.training.trainer.TrainerSettings` fields.
+        sample: a :class:`SampleConfig`.
+        parallel_stages: a :class:`ParallelConfig` (``true``: its defaults), default None (stages in turn).
+    """
+
+    seed: Optional[int] = None
+    cond_drop_prob: float = 0.1
+    text_embed_dim: Optional[int] = None
+    text_encoder: Optional[TextEncoderConfig] = None
+    stages: list[StageConfig]
+    data: DataConfig = field(default_factory=ShapesData)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    parallel_stages: Union[None, bool, ParallelConfig] = None
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("stages: expected a non-empty list of stage blocks")
+        self.parallel_stages = _parallel(self.parallel_stages)
+
+
+def _parallel(value: Union[None, bool, ParallelConfig]) -> Optional[ParallelConfig]:
+    """``parallel_stages: true`` is short for its defaults, ``false`` for none."""
+    return (ParallelConfig() if value else None) if isinstance(value, bool) else value
+
+
+def parse_config(config: Union[dict, RunConfig]) -> RunConfig:
+    """A configuration dict checked and converted to :class:`RunConfig` (a RunConfig passes through)."""
+    return config if isinstance(config, RunConfig) else from_dict(RunConfig, config)
+
+
+def parse_block(config: Union[dict, RunConfig], name: str) -> Any:
+    """One top-level block of a configuration, checked as :func:`parse_config` checks it (its default when
+    the configuration has none); the rest of the configuration is not read."""
+    if isinstance(config, RunConfig):
+        return getattr(config, name)
+    if not isinstance(config, dict):
+        raise ConfigError(f"config: expected a mapping, got {config!r}")
+    spec = RunConfig.__dataclass_fields__[name]
+    if name not in config:
+        if spec.default is not MISSING:
+            return spec.default
+        if spec.default_factory is not MISSING:
+            return spec.default_factory()
+        raise ConfigError(f"{name}: missing")
+    value = check_value(config[name], get_type_hints(RunConfig)[name], name)
+    return _parallel(value) if name == "parallel_stages" else value
