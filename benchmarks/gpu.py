@@ -101,7 +101,7 @@ def build_training(spec: dict[str, Any], device: torch.device):
     torch.manual_seed(0)
     overrides = {"gradient_checkpointing": True} if "ckpt" in opts else {}
     net = presets.build(spec["preset"], device=device, **overrides)
-    size = net.config["image_size"]
+    size = net.config.image_size
     cascade = Cascade([Stage(net, ElucidatedDiffusion(), size)], cond_drop_prob=0.1).train()
     b = spec["batch"]
     images = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1

@@ -121,5 +121,5 @@ def test_nemo_vocabulary_and_presets_build_the_intended_cascade():
     assert base.net.text_embed_dim == cascade.text_encoder.embed_dim == 32  # the encoder's width, over the preset's
     assert base.diffusion.P_mean == -1.0 and base.diffusion.loss_type == "l1"
     assert base.sampler.steps == 7 and base.sampler.cond_scale == 4.5
-    assert type(sr.net).__name__ == "EfficientUnet" and sr.net.config["embed_dim"] == 16 and sr.net.lowres_cond
+    assert type(sr.net).__name__ == "EfficientUnet" and sr.net.config.embed_dim == 16 and sr.net.lowres_cond
     assert sr.diffusion.pred_objective == "v"

@@ -130,7 +130,8 @@ def _tiny_cascade(encoder):
 
     torch.manual_seed(0)
     net = Unet(
-        16, image_size=16, channel_mult=(1, 2), num_res_blocks=1, attention_type=None, attention_resolutions=(),
+        embed_dim=16, image_size=16, channel_mult=(1, 2), num_res_blocks=1, attention_type=None,
+        attention_resolutions=(),
         middle_attention=False, text_embed_dim=encoder.embed_dim, num_attn_heads=2, per_head_channels=8,
     )
     return Cascade([Stage(net, ElucidatedDiffusion(), 16, sampler=SamplerSettings(steps=2))], text_encoder=encoder)

@@ -252,7 +252,7 @@ def test_eval_shapes_command_on_a_checkpoint(tmp_path, capsys):
 
     encoder = T5TextEncoder.build_tiny(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, max_length=80)
     net = Unet(
-        8, image_size=16, channel_mult=(1,), num_res_blocks=1, attention_type=None, attention_resolutions=(),
+        embed_dim=8, image_size=16, channel_mult=(1,), num_res_blocks=1, attention_type=None, attention_resolutions=(),
         middle_attention=False, text_embed_dim=encoder.embed_dim, num_attn_heads=1, per_head_channels=8,
     )
     cascade = Cascade([Stage(net, ElucidatedDiffusion(), 16, sampler=SamplerSettings(steps=2))], text_encoder=encoder)
