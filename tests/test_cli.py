@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
     config = root / "tiny.json"
     config.write_text(json.dumps(tiny_config(steps=2)))
     out = root / "run"
-    assert main(["train", str(config), "--out", str(out), "--set", "stages.1.train.steps=1", "--no-progress", "--cpu"]) == 0
+    assert main(["train", str(config), "--out", str(out), "--set", "stages.1.train.steps=1", "--no-progress",
+                 "--cpu"]) == 0
     return config, out
 
 
@@ -49,6 +50,14 @@ def test_train_writes_a_checkpoint_and_a_sample_grid(trained, capsys):
     assert trainer_state["steps"] == [2, 1]
     with pytest.raises(SystemExit, match="--resume"):
         main(["train", str(config), "--out", str(out), "--no-progress"])
+
+
+def test_train_resume_without_a_checkpoint_is_an_error(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config(steps=1)))
+    with pytest.raises(SystemExit, match="no checkpoint at .*to continue from"):
+        main(["train", str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress", "--cpu"])
+    assert not (tmp_path / "run" / "checkpoint").exists()
 
 
 def test_sample_writes_numbered_images_in_prompt_order_and_a_grid(trained, tmp_path):
