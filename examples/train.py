@@ -75,10 +75,12 @@ def make_trainer(config: dict, out: Path, log_with: Optional[str]) -> Trainer:
     ACCELERATE_MIXED_PRECISION), under plain `python` the config's trainer.mixed_precision."""
     from accelerate import Accelerator
 
+    # first the cascade (same seed on every process, so every process starts identical): a tiny T5 built from
+    # its seed is saved and read back, and transformers saves on the first process only once they are joined
+    cascade = cfg.build_cascade(config)
     settings = cfg.trainer_settings(config)
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", settings.mixed_precision)
     accelerator = Accelerator(mixed_precision="no", log_with=log_with, project_dir=str(out))
-    cascade = cfg.build_cascade(config)  # same seed on every process, so every process starts identical
     return Trainer(cascade, settings=dataclasses.replace(settings, mixed_precision=precision), accelerator=accelerator)
 
 
