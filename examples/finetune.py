@@ -196,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dataset = make_dataset(args, cascade.stages[k].image_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         collate_fn=dataset.collate_fn, generator=torch.Generator().manual_seed(args.seed))
-    result = trainer.fit(loader, k, args.steps, progress=not args.no_progress)
+    result = trainer.fit(loader, k, args.steps, disable_progress=args.no_progress)
     trainer.accelerator.print(f"stage {k}: {result['steps']} steps in {result['seconds']:.0f}s, "
                               f"loss {result['loss']:.4f}")
 

@@ -110,7 +110,7 @@ def test_fit_trains_logs_and_writes_samples(encoder, tmp_path):
     data = ShapesDataset(image_size=8, length=6, supersample=1)
     loader = DataLoader(data, batch_size=4, shuffle=True, collate_fn=data.collate_fn)
     result = trainer.fit(loader, 0, steps=3, log_every=2, sample_every=3, sample_prompts=["a red circle"],
-                         out_dir=tmp_path, progress=False)
+                         out_dir=tmp_path, disable_progress=True)
     assert result["steps"] == 3 and result["loss"] > 0 and trainer.steps == [3, 0]
     assert trainer.horizons[0] == 3
     assert (tmp_path / "samples" / "stage0-000003.png").exists()

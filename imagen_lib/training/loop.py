@@ -122,11 +122,11 @@ def train_stage(trainer: Trainer, config: dict, stage: int, steps: int, out: Uni
     loader = stage_loader(config, stage)
     # an iterable data set (shards) cannot skip by index: it restarts its own order when a run resumes
     start = 0 if isinstance(loader.dataset, IterableDataset) else trainer.steps[stage]
-    progress = options.progress if progress_line is None or not options.progress else progress_line
+    trainer.progress_line = progress_line
     result = trainer.fit(loader, stage, steps, log_every=options.log_every, sample_every=options.sample_every,
                          sample_prompts=prompts, out_dir=out, save_every=options.save_every,
-                         sample_seed=cfg.sample_settings(config)["seed"], progress=progress, on_step=on_step,
-                         start_batch=start)
+                         sample_seed=cfg.sample_settings(config)["seed"], disable_progress=not options.progress,
+                         on_step=on_step, start_batch=start)
     if trainer.is_main_process:
         print(f"stage {stage}: {result['steps']} steps in {result['seconds']:.0f}s, final loss {result['loss']:.4f}",
               flush=True)

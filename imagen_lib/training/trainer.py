@@ -3,7 +3,9 @@
 Per stage: AdamW, learning-rate warm-up then cosine decay, gradient clipping, an EMA of the weights
 (ema-pytorch; sampling uses it unless told otherwise), gradient accumulation over chunks of at most
 ``max_batch_size`` examples with correctly weighted losses, mixed precision (bf16, or fp16 with loss
-scaling) and device placement through Accelerate.
+scaling; applied by the Trainer, so trainers of different precisions share a process), and device placement,
+data sharding and distributed data parallel through Accelerate. One :class:`StageState` per stage holds the
+stage's network wrapper, optimizer, EMA, step count, schedule horizon and peak rate.
 
 Multi-process rules (``accelerate launch``): call every method on every process. Only the main process
 writes files, no collective operation is ever entered by one process alone, and all processes hold identical
@@ -147,7 +149,8 @@ class Trainer:
         ddp_find_unused_parameters: passed to DistributedDataParallel [False].
 
     Each stage's network wrapper, optimizer, EMA, step count, horizon and peak rate are in :attr:`stages`
-    (one :class:`StageState` per stage).
+    (one :class:`StageState` per stage). :attr:`progress_line` places :meth:`fit`'s progress bar on a line of
+    the terminal (one line per process training a stage at the same time) [None: tqdm's choice].
     """
 
     def __init__(
@@ -175,6 +178,7 @@ class Trainer:
         self.accelerator = accelerator or self._make_accelerator(cpu, log_with, project_dir, ddp_find_unused_parameters)
         self.scaler = self._make_scaler()
         self.run_id = uuid.uuid4().hex
+        self.progress_line: Optional[int] = None
         self._trackers_started = False
         self._setup_modules(lrs)
 
@@ -379,7 +383,7 @@ class Trainer:
     def fit(
         self, dataloader: Iterable, stage: int, steps: int, *, log_every: int = 50, sample_every: Optional[int] = None,
         sample_prompts: Optional[Sequence[str]] = None, out_dir: Union[None, str, Path] = None,
-        save_every: Optional[int] = None, sample_seed: int = 0, progress: Union[bool, int] = True,
+        save_every: Optional[int] = None, sample_seed: int = 0, disable_progress: bool = False,
         on_step: Optional[Callable[[int], None]] = None, start_batch: int = 0,
     ) -> dict:
         """Train ``stage`` for ``steps`` optimizer steps on batches from ``dataloader`` (re-iterated as needed).
@@ -387,13 +391,12 @@ class Trainer:
         Logs the mean loss every ``log_every`` steps through the Accelerate trackers; every ``sample_every``
         steps writes a captioned grid of ``sample_prompts`` to ``out_dir/samples/stage{k}-{step}.png`` and every
         ``save_every`` steps a checkpoint to ``out_dir/checkpoint`` (main process only). The cosine horizon of
-        the stage is ``steps`` unless ``total_steps`` was set. ``progress``: a progress bar (True, default),
-        none (False), or a bar on line ``progress`` (an int: one line per process training a stage at the
-        same time). ``on_step`` is called after every step with the stage's step count. ``start_batch``: the
-        position in the loader's order to start from (batches an earlier run already took; default 0): whole
-        epochs and batches are skipped by index, without loading data, and a DataLoader's generator advances
-        as those epochs advanced it, so a resumed run sees the batches an uninterrupted one would. Returns
-        ``{"stage", "steps", "loss", "seconds"}``.
+        the stage is ``steps`` unless ``total_steps`` was set; the progress bar sits on line
+        :attr:`progress_line`. ``on_step`` is called after every step with the stage's step count.
+        ``start_batch``: the position in the loader's order to start from (batches an earlier run already
+        took; default 0): whole epochs and batches are skipped by index, without loading data, and a
+        DataLoader's generator advances as those epochs advanced it, so a resumed run sees the batches an
+        uninterrupted one would. Returns ``{"stage", "steps", "loss", "seconds"}``.
         """
         k = self._index(stage)
         if int(steps) < 1:
@@ -404,9 +407,8 @@ class Trainer:
         if state.horizon is None:
             state.horizon = state.step + int(steps)
         self.start_trackers()
-        position = None if isinstance(progress, bool) else int(progress)
-        bar = tqdm(total=int(steps), desc=f"stage {k}", disable=progress is False or not self.is_main_process,
-                   position=position)
+        bar = tqdm(total=int(steps), desc=f"stage {k}", disable=disable_progress or not self.is_main_process,
+                   position=self.progress_line)
         start, window, mean = time.time(), [], float("nan")
         for i, batch in zip(range(int(steps)), _forever(self._prepare_loader(dataloader), int(start_batch))):
             window.append(self.train_step(k, batch))
