@@ -38,13 +38,17 @@ NEW_COLORS: dict[str, tuple[int, int, int]] = {"pink": (245, 130, 190), "cyan": 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="the checkpoint to start from (folder or fsspec URL); never modified")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the checkpoint to start from (folder or fsspec URL); never modified")
     parser.add_argument("--stage", type=int, required=True, help="index of the stage to fine-tune (0 = base)")
     parser.add_argument("--out", required=True, help="where the new checkpoint goes (a new folder)")
     parser.add_argument("--data", default="shapes",
-                        help="'shapes' (default; with --new-color), or a folder of images with a same-named .txt caption beside each")
-    parser.add_argument("--new-color", default="pink", choices=sorted(NEW_COLORS), help="colour taught on the shapes data (default pink)")
-    parser.add_argument("--new-color-share", type=float, default=0.5, help="share of shapes images repainted in it (default 0.5)")
+                        help="'shapes' (default; with --new-color), or a folder of images with a same-named .txt "
+                             "caption beside each")
+    parser.add_argument("--new-color", default="pink", choices=sorted(NEW_COLORS),
+                        help="colour taught on the shapes data (default pink)")
+    parser.add_argument("--new-color-share", type=float, default=0.5,
+                        help="share of shapes images repainted in it (default 0.5)")
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size per process (default 16)")
     parser.add_argument("--lr", type=float, default=None,
@@ -109,7 +113,8 @@ class RecoloredShapes(Dataset):
 
 def make_dataset(args: argparse.Namespace, image_size: int) -> Dataset:
     if args.data == "shapes":
-        return RecoloredShapes(ShapesDataset(image_size=image_size, seed=args.seed), args.new_color, args.new_color_share)
+        shapes_data = ShapesDataset(image_size=image_size, seed=args.seed)
+        return RecoloredShapes(shapes_data, args.new_color, args.new_color_share)
     from imagen_lib.data.folder import ImageTextFolder
 
     return ImageTextFolder(args.data, image_size)
@@ -153,14 +158,17 @@ def write_finetuned(trainer: Trainer, source: str, out: str, k: int, overwrite: 
     """The original checkpoint with stage k's raw and EMA weights replaced: its config, the other stages' weight
     files and the text encoder's files are carried over as they are (the optimizer state is left behind)."""
     tensors = {f"stage{k}": trainer.cascade.stages[k].net.state_dict(),
-               f"stage{k}.ema": trainer.emas[k].ema_model.state_dict()}
-    kept = [f"stage{j}{ema}" for j in range(trainer.num_stages) if j != k for ema in ("", ".ema")] + ["text_encoder.ema"]
-    tensors.update({name: ckpt.read_tensors(source, name) for name in kept if ckpt.has_file(source, f"{name}.safetensors")})
+               f"stage{k}.ema": trainer.stages[k].ema.ema_model.state_dict()}
+    kept = [f"stage{j}{ema}" for j in range(trainer.num_stages) if j != k for ema in ("", ".ema")]
+    kept.append("text_encoder.ema")
+    tensors.update({name: ckpt.read_tensors(source, name) for name in kept
+                    if ckpt.has_file(source, f"{name}.safetensors")})
     with tempfile.TemporaryDirectory() as local:
         folders = {}
         if ckpt.has_file(source, "text_encoder"):
             folders["text_encoder"] = ckpt.download_folder(source, "text_encoder", local)
-        ckpt.write_checkpoint(out, config=ckpt.read_config(source), tensors=tensors, folders=folders, overwrite=overwrite)
+        ckpt.write_checkpoint(out, config=ckpt.read_config(source), tensors=tensors, folders=folders,
+                              overwrite=overwrite)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -182,13 +190,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer = Trainer(cascade, lr=lr, cpu=args.cpu, warmup_steps=min(100, args.steps // 10),
                       ema_beta=0.995, ema_update_after_step=0, ema_update_every=1)
     torch.manual_seed(args.seed + trainer.accelerator.process_index)
-    trainer.accelerator.print(f"fine-tuning stage {k} ({trained:,} trained parameters) at lr {lr:g} for {args.steps} steps")
+    trainer.accelerator.print(f"fine-tuning stage {k} ({trained:,} trained parameters) at lr {lr:g} "
+                              f"for {args.steps} steps")
 
     dataset = make_dataset(args, cascade.stages[k].image_size)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=dataset.collate_fn,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=dataset.collate_fn, generator=torch.Generator().manual_seed(args.seed))
     result = trainer.fit(loader, k, args.steps, disable_progress=args.no_progress)
-    trainer.accelerator.print(f"stage {k}: {result['steps']} steps in {result['seconds']:.0f}s, loss {result['loss']:.4f}")
+    trainer.accelerator.print(f"stage {k}: {result['steps']} steps in {result['seconds']:.0f}s, "
+                              f"loss {result['loss']:.4f}")
 
     if trainer.is_main_process:
         write_finetuned(trainer, args.checkpoint, args.out, k, args.overwrite)

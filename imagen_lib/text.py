@@ -181,15 +181,20 @@ class T5TextEncoder(nn.Module):
         )
         return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device).bool()
 
-    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def encode(self, texts: Sequence[str], model: Optional[nn.Module] = None) -> tuple[Tensor, Tensor]:
         """``(embeds, mask)`` for a list of captions, encoded as one batch.
 
         ``embeds`` (B, max_length, embed_dim) float on the encoder's device, zero at padded positions;
         ``mask`` (B, max_length) bool, True = real token. Gradients flow only when ``trainable``.
+        ``model``: another copy of this encoder's T5 model to encode with (e.g. the trainer's EMA copy), run
+        in eval mode (no dropout) and without gradients [None: this encoder's own model].
         """
         ids, mask = self.tokenize(texts)
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        if model is None:
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        else:
+            hidden = _run_in_eval_mode(model, ids, mask)
         embeds = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # padded positions exactly 0
         return embeds, mask
 
@@ -200,6 +205,16 @@ class T5TextEncoder(nn.Module):
     def __repr__(self) -> str:
         return (f"T5TextEncoder({self.name_or_path!r}, max_length={self.max_length}, "
                 f"embed_dim={self.embed_dim}, trainable={self.trainable})")
+
+
+@torch.no_grad()
+def _run_in_eval_mode(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    finally:
+        model.train(was_training)
 
 
 def word_tokenizer(vocabulary: Sequence[str]):

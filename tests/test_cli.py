@@ -52,6 +52,14 @@ def test_train_writes_a_checkpoint_and_a_sample_grid(trained, capsys):
         main(["train", str(config), "--out", str(out), "--no-progress"])
 
 
+def test_train_resume_without_a_checkpoint_is_an_error(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config(steps=1)))
+    with pytest.raises(SystemExit, match="no checkpoint at .*to continue from"):
+        main(["train", str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress", "--cpu"])
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
 def test_sample_writes_numbered_images_in_prompt_order_and_a_grid(trained, tmp_path):
     _, out = trained
     prompts = ["a red circle", "a blue square"]

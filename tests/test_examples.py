@@ -71,13 +71,14 @@ def trained(tmp_path_factory) -> Path:
 def test_train_with_two_processes_writes_one_checkpoint(trained):
     log = trained.joinpath("log.txt").read_text()
     assert "process 1/2: done" in log and "process 2/2: done" in log  # both ranks ran, as a pair, and finished
-    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint", "log.txt", "samples"]  # no stray tmp folders
+    assert sorted(p.name for p in trained.iterdir()) == [  # no stray tmp folders
+        "checkpoint", "config.yaml", "log.txt", "samples", "samples.png"]
     checkpoint = trained / "checkpoint"
     assert sorted(p.name for p in checkpoint.iterdir() if p.is_file()) == [
         "config.json", "stage0.ema.safetensors", "stage0.safetensors", "stage1.ema.safetensors", "stage1.safetensors",
         "trainer.json", "trainer.safetensors"]
     assert json.loads((checkpoint / "trainer.json").read_text())["steps"] == [2, 2]
-    assert sorted(p.name for p in (trained / "samples").iterdir()) == ["final.png", "stage0-000002.png", "stage1-000002.png"]
+    assert sorted(p.name for p in (trained / "samples").iterdir()) == ["stage0-000002.png", "stage1-000002.png"]
 
 
 def test_sample_command_reads_the_checkpoint(trained, tmp_path):
@@ -192,11 +193,14 @@ def test_train_script_data_option_reads_a_folder_with_the_configs_folder_options
     for i, colour in enumerate(["red", "blue"]):
         Image.new("RGB", (20, 20), colour).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text(f"a {colour} square")
+    from imagen_lib.config import build_dataset
+
     train = load_example("train")
     config = {"text_encoder": {"build_tiny": {}}, "data": {"type": "shapes", "seed": 3, "length": 10}}
-    dataset, workers = train.make_dataset(config, str(tmp_path), 16)
+    dataset, workers = build_dataset(train.with_data(config, str(tmp_path)), 16)
     assert isinstance(dataset, ImageTextFolder) and len(dataset) == 2 and workers == 0
     config["data"] = {"type": "folder", "root": "elsewhere", "seed": 7, "num_workers": 1}
-    dataset, workers = train.make_dataset(config, str(tmp_path), 16)
+    dataset, workers = build_dataset(train.with_data(config, str(tmp_path)), 16)
     assert len(dataset) == 2 and workers == 1 and dataset.seed == 7
-    assert isinstance(train.make_dataset(config, "shapes", 16)[0], ShapesDataset)
+    assert isinstance(build_dataset(train.with_data(config, "shapes"), 16)[0], ShapesDataset)
+    assert train.with_data(config, None) is config

@@ -17,7 +17,6 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, sys.argv[2])
 from tiny_cascade import images, tiny_cascade
 from imagen_lib.training.trainer import Trainer
 
@@ -35,7 +34,7 @@ for step in range(3):
 trainer.save(out + "/checkpoint")
 trainer.save(out + "/checkpoint")  # saving again from the same run is allowed, and still one folder
 weights = {f"net.{k}": v for k, v in cascade.state_dict().items()}
-weights.update({f"ema1.{k}": v for k, v in trainer.emas[1].ema_model.state_dict().items()})
+weights.update({f"ema1.{k}": v for k, v in trainer.stages[1].ema.ema_model.state_dict().items()})
 save_file({k: v.contiguous() for k, v in weights.items()}, f"{out}/rank{rank}.safetensors")
 print("rank", rank, "done", trainer.accelerator.num_processes, flush=True)
 '''
@@ -45,10 +44,12 @@ def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
     script = tmp_path / "train_two.py"
     script.write_text(SCRIPT)
     tests_dir = Path(__file__).resolve().parent
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           str(script), str(tmp_path), str(tests_dir)]
+    # tiny_cascade (tests/) and this tree's imagen_lib are found through PYTHONPATH
+    paths = [str(tests_dir), str(tests_dir.parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(script), str(tmp_path)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "done 2" in run.stdout  # really two processes

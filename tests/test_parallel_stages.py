@@ -1,7 +1,7 @@
-"""``parallel_stages``: `imagen-lib train` trains the later stages in their own processes while the first
-trains here, joins them at a fixed step and writes one checkpoint; the result does not depend on timing."""
+"""``parallel_stages``: `imagen-lib train` (through imagen_lib.training.loop and .parallel) trains the later
+stages in their own processes while the first trains here, joins them at a fixed step and writes one
+checkpoint; the result does not depend on timing."""
 
-import argparse
 import json
 
 import pytest
@@ -11,8 +11,9 @@ from tiny_cascade import tiny_config
 
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.cli import main
-from imagen_lib.commands.train import _BackgroundStages
 from imagen_lib.config import parallel_settings
+from imagen_lib.training.loop import RunOptions, _train_stage_in_process
+from imagen_lib.training.parallel import BackgroundStages
 from imagen_lib.training.trainer import Trainer
 
 
@@ -73,19 +74,19 @@ def test_a_trainable_text_encoder_is_refused(tmp_path):
     config["parallel_stages"] = {}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="frozen text encoder"):
+    with pytest.raises(ValueError, match="frozen text encoder"):
         main(["train", str(path), "--out", str(tmp_path / "o"), "--no-progress", "--cpu"])
 
 
 def test_a_failed_background_stage_is_reported_by_name(tmp_path):
-    args = argparse.Namespace(cpu=True, log_every=50, no_progress=True)
-    plan = {"steps": 2, "batch_size": 4}
     # it resumes from a checkpoint that is not there: its process fails at once
-    background = _BackgroundStages(tiny_config(), [(1, plan, 2)], tmp_path, str(tmp_path / "missing"), args, 1)
+    job = dict(config=tiny_config(), steps=2, out=str(tmp_path), options=RunOptions(progress=False),
+               resume_from=str(tmp_path / "missing"))
+    background = BackgroundStages(_train_stage_in_process, {1: job}, tmp_path, threads=1)
     from imagen_lib.config import build_cascade
 
     trainer = Trainer(build_cascade(tiny_config()), cpu=True)
-    with pytest.raises(SystemExit, match="stage 1, trained in its own process, failed"):
+    with pytest.raises(RuntimeError, match="stage 1, trained in its own process, failed"):
         background.join(trainer)
     background.stop()
 
@@ -105,4 +106,4 @@ def test_trainer_loads_only_the_stages_asked_for(tmp_path):
     assert all(torch.equal(v, before0[k]) for k, v in target.cascade.stages[0].net.state_dict().items())
     want = ckpt.read_tensors(tmp_path / "ck", "stage1")
     assert all(torch.equal(v, want[k]) for k, v in target.cascade.stages[1].net.state_dict().items())
-    assert target.optimizers[1].state_dict()["state"]  # the optimizer's moments came along
+    assert target.stages[1].optimizer.state_dict()["state"]  # the optimizer's moments came along

@@ -48,6 +48,24 @@ def test_trainable_encoder_passes_gradients(folder):
     assert enc.model.shared.weight.grad is not None and enc.model.shared.weight.grad.abs().sum() > 0
 
 
+def test_encode_with_another_copy_of_the_model(folder):
+    """``encode(texts, model=copy)``: the same tokens through another copy of the T5 (a trainer's EMA copy), in
+    eval mode and without gradients, its mode put back afterwards."""
+    import copy
+
+    enc = T5TextEncoder(folder, max_length=12, trainable=True)
+    twin = copy.deepcopy(enc.model).train()
+    same, mask = enc.encode(["a red circle", "hi"], model=twin)
+    assert twin.training and not same.requires_grad
+    enc.eval()  # eval mode: no dropout, comparable to the copy's
+    with torch.no_grad():
+        torch.testing.assert_close(same, enc.encode(["a red circle", "hi"])[0], atol=0, rtol=0)
+    assert torch.all(same[1, 3:] == 0) and mask.sum(1).tolist() == [12, 3]
+    with torch.no_grad():
+        twin.shared.weight.add_(1.0)
+    assert not torch.equal(enc.encode(["hi"], model=twin)[0], enc.encode(["hi"])[0])
+
+
 def test_build_tiny_is_deterministic_and_rebuilds_from_its_config():
     a = T5TextEncoder.build_tiny(seed=3, max_length=8, **T5_KWARGS)
     b = text_encoder_from_config(a.config)

@@ -38,15 +38,15 @@ def test_train_step_updates_one_stage_and_its_ema(encoder):
     assert trainer.steps == [0, 1]
     trainer.train_step(1, _batch(seed=1))
     trainer.train_step(1, _batch(seed=2))
-    ema = _params(trainer.emas[1].ema_model)
+    ema = _params(trainer.stages[1].ema.ema_model)
     assert not all(torch.equal(a, b) for a, b in zip(ema, _params(cascade.stages[1].net)))  # lags behind
-    assert all(torch.equal(a, b) for a, b in zip(_params(trainer.emas[0].ema_model), before[0]))
+    assert all(torch.equal(a, b) for a, b in zip(_params(trainer.stages[0].ema.ema_model), before[0]))
 
 
 def _grads_after_step(cascade, max_batch_size, batch):
     trainer = Trainer(cascade, lr=1e-3, max_batch_size=max_batch_size, max_grad_norm=None)
     seen = {}
-    opt = trainer.optimizers[0].optimizer
+    opt = trainer.stages[0].optimizer.optimizer
     opt.register_step_pre_hook(lambda o, a, k: seen.update(grads=[p.grad.clone() for p in o.param_groups[0]["params"]]))
     loss = trainer.train_step(0, batch)
     return loss, seen["grads"]
@@ -55,7 +55,8 @@ def _grads_after_step(cascade, max_batch_size, batch):
 def test_max_batch_size_chunks_weight_the_losses_correctly(monkeypatch):
     """5 rows in chunks of 2, 2, 1: loss and gradients equal the whole batch's (for a deterministic loss;
     an unweighted mean of the chunk means would differ)."""
-    batch = {"images": images(5, 16), "text_embeds": torch.randn(5, 3, 32), "text_mask": torch.ones(5, 3, dtype=torch.bool)}
+    batch = {"images": images(5, 16), "text_embeds": torch.randn(5, 3, 32),
+             "text_mask": torch.ones(5, 3, dtype=torch.bool)}
 
     def row_loss(self, images, texts=None, text_embeds=None, text_mask=None, stage=0, *, net=None, **_):
         x = torch.nn.functional.interpolate(images, size=8)
@@ -63,7 +64,8 @@ def test_max_batch_size_chunks_weight_the_losses_correctly(monkeypatch):
         return (out**2).flatten(1).mean(1).mean()
 
     monkeypatch.setattr(Cascade, "forward", row_loss)
-    (loss_full, g_full), (loss_chunked, g_chunked) = [_grads_after_step(tiny_cascade(seed=0), n, batch) for n in (None, 2)]
+    (loss_full, g_full), (loss_chunked, g_chunked) = [_grads_after_step(tiny_cascade(seed=0), n, batch)
+                                                      for n in (None, 2)]
     assert loss_chunked == pytest.approx(loss_full, rel=1e-5)
     for a, b in zip(g_full, g_chunked):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
@@ -75,7 +77,7 @@ def test_fused_and_unfused_adamw_take_the_same_steps(encoder):
     for fused in (True, False):
         cascade = tiny_cascade(text_encoder=encoder, seed=0)
         trainer = Trainer(cascade, lr=1e-3, fused_optimizer=fused, **FAST_EMA)
-        assert trainer.optimizers[0].optimizer.defaults["fused"] is (True if fused else None)
+        assert trainer.stages[0].optimizer.optimizer.defaults["fused"] is (True if fused else None)
         for seed in range(3):
             torch.manual_seed(seed)  # same noise levels and noise for both runs
             trainer.train_step(0, _batch(seed=seed))
@@ -154,14 +156,14 @@ def test_save_load_resumes_exactly_and_from_checkpoint_samples_identically(encod
     trainer.save(path)
     trainer.train_step(1, _batch(seed=5))
     expected = _params(trainer.cascade)
-    expected_ema = _params(trainer.emas[1].ema_model)
+    expected_ema = _params(trainer.stages[1].ema.ema_model)
 
     other = Trainer(tiny_cascade(text_encoder=encoder, seed=1), lr=1e-3, warmup_steps=2, total_steps=10, **FAST_EMA)
     other.load(path)
     assert other.steps == [2, 2] and other.run_id == trainer.run_id
     other.train_step(1, _batch(seed=5))
     assert all(torch.equal(a, b) for a, b in zip(expected, _params(other.cascade)))
-    assert all(torch.equal(a, b) for a, b in zip(expected_ema, _params(other.emas[1].ema_model)))
+    assert all(torch.equal(a, b) for a, b in zip(expected_ema, _params(other.stages[1].ema.ema_model)))
 
     other.save(path)  # the same run may replace its own checkpoint
     loaded = Cascade.from_checkpoint(path)
@@ -208,12 +210,61 @@ def test_jointly_trained_text_encoder_is_trained_saved_and_restored(tmp_path):
     assert torch.equal(a, ema.sample(["a red circle"], seed=2, disable_progress=True))
 
 
-def test_bf16_mixed_precision_trains_and_keeps_float32_weights():
+def _forward_dtypes(trainer, batch):
+    """The dtype of every convolution's output during one training step of stage 0."""
+    seen = set()
+    convs = [m for m in trainer.cascade.stages[0].net.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype)) for m in convs]
+    try:
+        assert 0 < trainer.train_step(0, batch) < 10
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_trainers_of_different_precisions_live_in_one_process():
+    """The Trainer applies its precision itself (Accelerate's is one setting per process): a bf16 trainer, then
+    an fp32 one, then the bf16 one again, each computes in its own precision and keeps float32 weights."""
     batch = {"images": images(4, 16), "text_embeds": torch.randn(4, 3, 32)}
     trainer = Trainer(tiny_cascade(), lr=1e-3, mixed_precision="bf16", **FAST_EMA)
-    assert trainer.accelerator.mixed_precision == "bf16"
-    for k in (0, 1):
-        assert 0 < trainer.train_step(k, batch) < 10
+    assert trainer.settings.mixed_precision == "bf16" and trainer.accelerator.mixed_precision == "no"
+    assert _forward_dtypes(trainer, batch) == {torch.bfloat16}
+    assert 0 < trainer.train_step(1, batch) < 10
     assert all(p.dtype == torch.float32 for p in trainer.cascade.parameters())
     again = Trainer(tiny_cascade(), lr=1e-3)  # a later trainer in the same process may go back to fp32
-    assert again.accelerator.mixed_precision == "no"
+    assert _forward_dtypes(again, batch) == {torch.float32}
+    assert _forward_dtypes(trainer, batch) == {torch.bfloat16}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on the CPU only")
+def test_fp16_on_the_cpu_is_refused_by_name():
+    with pytest.raises(ValueError, match="mixed_precision.*bf16"):
+        Trainer(tiny_cascade(), mixed_precision="fp16")
+
+
+def test_stage_state_holds_each_stage_and_steps_read_from_it(encoder):
+    trainer = Trainer(tiny_cascade(text_encoder=encoder), lr=[1e-3, 2e-3], total_steps=7, **FAST_EMA)
+    assert [st.lr for st in trainer.stages] == [1e-3, 2e-3] and trainer.horizons == [7, 7]
+    trainer.train_step(1, _batch())
+    assert trainer.steps == [0, 1] and trainer.stages[1].step == 1
+    assert trainer.stages[1].optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * lr_factor(0, 0, 7, 0.1))
+    with pytest.raises(AttributeError):
+        trainer.steps = [5, 5]  # read-only: the stage states hold the counts
+
+
+def test_trainers_ema_text_encoder_encodes_through_the_encoders_own_method():
+    enc = T5TextEncoder.build_tiny(seed=0, max_length=16, trainable=True, **T5_KWARGS)
+    trainer = Trainer(tiny_cascade(text_encoder=enc), lr=1e-2, **FAST_EMA)
+    for i in range(4):
+        trainer.train_step(0, _batch(size=8, seed=i))
+    ema_model = trainer.text_ema.ema_model
+    ema_model.train()
+    embeds, mask = trainer._ema_text_encoder()(["a red circle"])
+    assert ema_model.training  # its mode is put back
+    with torch.no_grad():
+        ema_model.eval()
+        ids, want_mask = enc.tokenize(["a red circle"])
+        want = ema_model(input_ids=ids, attention_mask=want_mask.long()).last_hidden_state * want_mask.unsqueeze(-1)
+    assert torch.equal(mask, want_mask) and torch.equal(embeds, want)
+    assert not torch.equal(embeds, enc.encode(["a red circle"])[0])  # the EMA copy, not the trained weights

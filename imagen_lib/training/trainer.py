@@ -3,7 +3,9 @@
 Per stage: AdamW, learning-rate warm-up then cosine decay, gradient clipping, an EMA of the weights
 (ema-pytorch; sampling uses it unless told otherwise), gradient accumulation over chunks of at most
 ``max_batch_size`` examples with correctly weighted losses, mixed precision (bf16, or fp16 with loss
-scaling) and device placement through Accelerate.
+scaling; applied by the Trainer, so trainers of different precisions share a process), and device placement,
+data sharding and distributed data parallel through Accelerate. One :class:`StageState` per stage holds the
+stage's network wrapper, optimizer, EMA, step count, schedule horizon and peak rate.
 
 Multi-process rules (``accelerate launch``): call every method on every process. Only the main process
 writes files, no collective operation is ever entered by one process alone, and all processes hold identical
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +35,7 @@ from imagen_lib.cascade import Cascade, write_cascade_checkpoint
 
 Batch = Union[Tensor, Mapping[str, Any]]
 _BATCH_KEYS = ("images", "texts", "text_embeds", "text_mask")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -77,7 +82,8 @@ class TrainerSettings:
         if self.max_batch_size is not None and int(self.max_batch_size) < 1:
             raise ValueError(f"max_batch_size: expected None or a positive int, got {self.max_batch_size}")
         if int(self.warmup_steps) < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"warmup_steps, min_lr_ratio: expected >= 0 and in [0, 1], got {self.warmup_steps}, {self.min_lr_ratio}")
+            raise ValueError(f"warmup_steps, min_lr_ratio: expected >= 0 and in [0, 1], got {self.warmup_steps}, "
+                             f"{self.min_lr_ratio}")
         self.betas = tuple(float(b) for b in self.betas)
 
     @property
@@ -103,6 +109,28 @@ def _slice_batch(batch: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] if v is not None else None for k, v in batch.items()}
 
 
+@dataclass
+class StageState:
+    """What the Trainer holds for one stage of the cascade.
+
+    Attributes:
+        wrapper: the stage's network as Accelerate prepared it (distributed data parallel on several processes).
+        optimizer: its AdamW (with a trainable text encoder's parameters as a second group), as Accelerate
+            prepared it.
+        ema: the ema-pytorch EMA of the network; ``ema.ema_model`` is the copy that samples.
+        lr: the peak learning rate.
+        step: optimizer steps taken so far [0].
+        horizon: the step at which the cosine decay ends [None: set by the first :meth:`Trainer.fit`].
+    """
+
+    wrapper: nn.Module
+    optimizer: Any
+    ema: Any
+    lr: float
+    step: int = 0
+    horizon: Optional[int] = None
+
+
 class Trainer:
     """Trains the stages of a :class:`~imagen_lib.cascade.Cascade`.
 
@@ -110,11 +138,19 @@ class Trainer:
         cascade: the cascade; its networks are moved to the training device.
         lr: peak learning rate (shortcut for ``TrainerSettings.lr``), default 1e-4.
         settings: a :class:`TrainerSettings`; keyword arguments override its fields.
-        accelerator: an ``accelerate.Accelerator`` to use (default: one is made with ``mixed_precision``,
-            ``cpu``, ``log_with`` and ``project_dir``).
+        accelerator: an ``accelerate.Accelerator`` to use, made with ``mixed_precision="no"`` (default: one is
+            made with ``cpu``, ``log_with`` and ``project_dir``). The Trainer applies
+            ``TrainerSettings.mixed_precision`` itself (autocast, and loss scaling for fp16): Accelerate's
+            precision is one setting for the whole process, and this way trainers of different precisions
+            live side by side in one process (a notebook, the tests).
         cpu: force the CPU even when a GPU is present [False].
         log_with: Accelerate tracker(s), e.g. ``"tensorboard"`` [None]; ``project_dir`` is where they write.
+            They start at the first :meth:`fit` or :meth:`start_trackers`.
         ddp_find_unused_parameters: passed to DistributedDataParallel [False].
+
+    Each stage's network wrapper, optimizer, EMA, step count, horizon and peak rate are in :attr:`stages`
+    (one :class:`StageState` per stage). :attr:`progress_line` places :meth:`fit`'s progress bar on a line of
+    the terminal (one line per process training a stage at the same time) [None: tqdm's choice].
     """
 
     def __init__(
@@ -132,38 +168,47 @@ class Trainer:
         self.cascade = cascade
         self.num_stages = len(cascade.stages)
         lrs = self.settings.lr
-        self.lrs = [float(v) for v in lrs] if isinstance(lrs, Sequence) else [float(lrs)] * self.num_stages
-        if len(self.lrs) != self.num_stages:
-            raise ValueError(f"lr: expected one value or {self.num_stages} (one per stage), got {len(self.lrs)}")
+        lrs = [float(v) for v in lrs] if isinstance(lrs, Sequence) else [float(lrs)] * self.num_stages
+        if len(lrs) != self.num_stages:
+            raise ValueError(f"lr: expected one value or {self.num_stages} (one per stage), got {len(lrs)}")
+        if accelerator is not None and accelerator.mixed_precision != "no":
+            raise ValueError(f"accelerator: expected one made with mixed_precision='no', got "
+                             f"{accelerator.mixed_precision!r}; set TrainerSettings.mixed_precision instead (the "
+                             "Trainer applies it itself)")
         self.accelerator = accelerator or self._make_accelerator(cpu, log_with, project_dir, ddp_find_unused_parameters)
+        self.scaler = self._make_scaler()
         self.run_id = uuid.uuid4().hex
-        self.steps = [0] * self.num_stages
-        self.horizons: list[Optional[int]] = [self.settings.total_steps] * self.num_stages
-        self._setup_modules()
-        if log_with is not None:
-            self.accelerator.init_trackers("imagen_lib", config=_flat(self.settings.config))
+        self.progress_line: Optional[int] = None
+        self._trackers_started = False
+        self._setup_modules(lrs)
 
     def _make_accelerator(self, cpu, log_with, project_dir, find_unused):
-        import os
-
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if distributed and not torch.cuda.is_available():
             cpu = True  # several processes and no GPU: Accelerate only joins them on the CPU when told so
-        state = AcceleratorState._shared_state
-        if not distributed and state and state.get("_mixed_precision") not in (None, self.settings.mixed_precision):
-            # one process (a notebook, tests): let a new Trainer choose another precision than the last one
-            AcceleratorState._reset_state()
         return Accelerator(
-            mixed_precision=self.settings.mixed_precision, cpu=cpu, log_with=log_with,
+            mixed_precision="no", cpu=cpu, log_with=log_with,  # the precision is the Trainer's own (_autocast)
             project_dir=None if project_dir is None else str(project_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
         )
 
-    def _setup_modules(self) -> None:
+    def _make_scaler(self):
+        """fp16's loss scaler (gradients that would underflow in float16 are scaled up, then down)."""
+        if self.settings.mixed_precision != "fp16":
+            return None
+        if self.device.type == "cpu":
+            raise ValueError("mixed_precision: 'fp16' needs a GPU (its loss scaling is CUDA's); use 'bf16' on the CPU")
+        return torch.amp.GradScaler(self.device.type)
+
+    def _autocast(self):
+        """The forward pass in ``TrainerSettings.mixed_precision`` (weights stay float32)."""
+        dtype = _AUTOCAST_DTYPES.get(self.settings.mixed_precision)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def _setup_modules(self, lrs: list[float]) -> None:
         """Move the cascade, wrap each trained module for distribution, make optimizers and EMAs."""
         from ema_pytorch import EMA
 
@@ -173,20 +218,20 @@ class Trainer:
         self.train_text = encoder is not None and encoder.trainable
         ema_kwargs = dict(beta=s.ema_beta, update_after_step=s.ema_update_after_step, update_every=s.ema_update_every,
                           power=s.ema_power, include_online_model=False, use_foreach=True)
-        # EMA copies are made before Accelerate wraps the nets (its mixed-precision forward patch stays off them)
-        self.emas = [EMA(stage.net, **ema_kwargs) for stage in self.cascade.stages]
+        # EMA copies are made before Accelerate wraps the nets (a wrapper's hooks stay off them)
+        emas = [EMA(stage.net, **ema_kwargs) for stage in self.cascade.stages]
         self.text_ema = EMA(encoder.model, **ema_kwargs) if self.train_text else None  # shared by all stages
         self.text_wrapper = acc.prepare_model(encoder) if self.train_text else None
-        self.wrappers, self.optimizers = [], []
+        self.stages: list[StageState] = []
         for k, stage in enumerate(self.cascade.stages):
             wrapper = acc.prepare_model(stage.net)
-            groups = [{"params": [p for p in stage.net.parameters() if p.requires_grad], "lr": self.lrs[k]}]
+            groups = [{"params": [p for p in stage.net.parameters() if p.requires_grad], "lr": lrs[k]}]
             if self.train_text:
-                groups.append({"params": list(encoder.model.parameters()), "lr": s.text_encoder_lr or self.lrs[k]})
+                groups.append({"params": list(encoder.model.parameters()), "lr": s.text_encoder_lr or lrs[k]})
             opt = torch.optim.AdamW(groups, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay,
                                     fused=s.fused_optimizer or None)
-            self.wrappers.append(wrapper)
-            self.optimizers.append(acc.prepare_optimizer(opt))
+            self.stages.append(StageState(wrapper, acc.prepare_optimizer(opt), emas[k], lrs[k],
+                                          horizon=s.total_steps))
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -198,14 +243,30 @@ class Trainer:
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _stage(self, stage: int) -> int:
+    @property
+    def steps(self) -> list[int]:
+        """Optimizer steps taken by each stage (read-only; :attr:`stages` holds them)."""
+        return [state.step for state in self.stages]
+
+    @property
+    def horizons(self) -> list[Optional[int]]:
+        """Each stage's cosine decay horizon (read-only; :attr:`stages` holds them)."""
+        return [state.horizon for state in self.stages]
+
+    def _index(self, stage: int) -> int:
         if not isinstance(stage, int) or not 0 <= stage < self.num_stages:
             raise ValueError(f"stage: expected a stage index in [0, {self.num_stages - 1}], got {stage!r}")
         return stage
 
     def ema_networks(self) -> list[nn.Module]:
         """The EMA copy of each stage's network."""
-        return [e.ema_model for e in self.emas]
+        return [state.ema.ema_model for state in self.stages]
+
+    def _ema_text_encoder(self) -> Optional[Callable]:
+        """The text encoder's encode with its EMA copy of the T5 model (None when the encoder is frozen)."""
+        if self.text_ema is None:
+            return None
+        return functools.partial(self.cascade.text_encoder.encode, model=self.text_ema.ema_model)
 
     def _normalise_batch(self, batch: Batch) -> tuple[dict, int]:
         if isinstance(batch, Tensor):
@@ -223,13 +284,13 @@ class Trainer:
         return [(_slice_batch(batch, i, min(i + step, size)), (min(i + step, size) - i) / size)
                 for i in range(0, size, step)]
 
-    def _set_lr(self, k: int) -> float:
+    def _set_lr(self, state: StageState) -> float:
         s = self.settings
-        factor = lr_factor(self.steps[k], s.warmup_steps, self.horizons[k], s.min_lr_ratio)
-        groups = self.optimizers[k].param_groups
-        groups[0]["lr"] = self.lrs[k] * factor
+        factor = lr_factor(state.step, s.warmup_steps, state.horizon, s.min_lr_ratio)
+        groups = state.optimizer.param_groups
+        groups[0]["lr"] = state.lr * factor
         if len(groups) > 1:
-            groups[1]["lr"] = (s.text_encoder_lr or self.lrs[k]) * factor
+            groups[1]["lr"] = (s.text_encoder_lr or state.lr) * factor
         return groups[0]["lr"]
 
     # ----------------------------------------------------------------------------------------------------
@@ -239,12 +300,12 @@ class Trainer:
     def train_step(self, stage: int, batch: Batch) -> float:
         """One optimizer step of ``stage`` on ``batch`` (images in [-1, 1], plus ``texts`` or ``text_embeds`` +
         ``text_mask``); returns this process's mean loss over the batch."""
-        k = self._stage(stage)
-        acc, opt = self.accelerator, self.optimizers[k]
+        k = self._index(stage)
+        acc, state = self.accelerator, self.stages[k]
         batch, size = self._normalise_batch(batch)
         if not (self.cascade.training and self.cascade.stages[k].net.training):
             self.cascade.train()  # once after sampling or validation, not every step (it walks every module)
-        wrapped = [self.wrappers[k]] + ([self.text_wrapper] if self.train_text else [])
+        wrapped = [state.wrapper] + ([self.text_wrapper] if self.train_text else [])
         chunks = self._chunks(batch, size)
         total = torch.zeros((), device=self.device)
         for i, (chunk, share) in enumerate(chunks):
@@ -252,41 +313,47 @@ class Trainer:
                 if i < len(chunks) - 1:  # gradients are all-reduced once, on the last chunk
                     for module in wrapped:
                         stack.enter_context(acc.no_sync(module))
-                with acc.autocast():
-                    loss = self.cascade(**chunk, stage=k, net=self.wrappers[k], text_encoder=self.text_wrapper)
-                acc.backward(loss * share)
+                with self._autocast():
+                    loss = self.cascade(**chunk, stage=k, net=state.wrapper, text_encoder=self.text_wrapper)
+                acc.backward(loss * share if self.scaler is None else self.scaler.scale(loss * share))
             total += loss.detach().float() * share
-        self._optimizer_step(k, opt)
+        self._optimizer_step(state)
         return float(total)
 
-    def _optimizer_step(self, k: int, opt) -> None:
-        self._set_lr(k)
+    def _optimizer_step(self, state: StageState) -> None:
+        opt = state.optimizer
+        self._set_lr(state)
         if self.settings.max_grad_norm is not None:
-            self.accelerator.unscale_gradients(optimizer=opt)
+            if self.scaler is not None:
+                self.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
             params = [p for group in opt.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
-        opt.step()
+        if self.scaler is None:
+            opt.step()
+        else:  # skips the step when a gradient overflowed, and adapts the scale
+            self.scaler.step(opt)
+            self.scaler.update()
         opt.zero_grad(set_to_none=True)
-        self.steps[k] += 1
-        self.emas[k].update()
+        state.step += 1
+        state.ema.update()
         if self.text_ema is not None:
             self.text_ema.update()
 
     @torch.no_grad()
     def valid_step(self, stage: int, batch: Batch, use_ema: bool = True) -> float:
         """Mean loss of ``stage`` on ``batch`` in eval mode (no text dropout), with the EMA weights by default."""
-        k = self._stage(stage)
+        k = self._index(stage)
         batch, size = self._normalise_batch(batch)
-        net = self.emas[k].ema_model if use_ema else self.cascade.stages[k].net
-        encoder = self.text_ema.ema_model if (use_ema and self.text_ema is not None) else None
+        net = self.stages[k].ema.ema_model if use_ema else self.cascade.stages[k].net
+        encoder = self._ema_text_encoder() if use_ema else None
         was_training = self.cascade.training
         self.cascade.eval()
         net.eval()
         try:
             total = 0.0
             for chunk, share in self._chunks(batch, size):
-                with self.accelerator.autocast():
-                    loss = self.cascade(**chunk, stage=k, net=net, text_encoder=_encoder_call(encoder, self.cascade))
+                with self._autocast():
+                    loss = self.cascade(**chunk, stage=k, net=net, text_encoder=encoder)
                 total += float(loss) * share
         finally:
             self.cascade.train(was_training)
@@ -297,53 +364,66 @@ class Trainer:
         if use_ema:
             kwargs.setdefault("networks", self.ema_networks())
             if self.text_ema is not None:
-                kwargs.setdefault("text_encoder", _encoder_call(self.text_ema.ema_model, self.cascade))
+                kwargs.setdefault("text_encoder", self._ema_text_encoder())
         return self.cascade.sample(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------
     # the loop
     # ----------------------------------------------------------------------------------------------------
 
+    def start_trackers(self, config: Optional[Mapping] = None) -> None:
+        """Start the accelerator's trackers (``log_with``) once, recording ``config`` (default: the trainer
+        settings) flattened to dotted keys. :meth:`fit` calls it, so trackers start even when nobody else did."""
+        if self._trackers_started:
+            return
+        self._trackers_started = True
+        record = {"trainer": self.settings.config} if config is None else config
+        self.accelerator.init_trackers("imagen_lib", config=flatten_config(record))
+
     def fit(
         self, dataloader: Iterable, stage: int, steps: int, *, log_every: int = 50, sample_every: Optional[int] = None,
         sample_prompts: Optional[Sequence[str]] = None, out_dir: Union[None, str, Path] = None,
         save_every: Optional[int] = None, sample_seed: int = 0, disable_progress: bool = False,
-        on_step: Optional[Callable[[int], None]] = None, progress_position: Optional[int] = None,
+        on_step: Optional[Callable[[int], None]] = None, start_batch: int = 0,
     ) -> dict:
         """Train ``stage`` for ``steps`` optimizer steps on batches from ``dataloader`` (re-iterated as needed).
 
         Logs the mean loss every ``log_every`` steps through the Accelerate trackers; every ``sample_every``
         steps writes a captioned grid of ``sample_prompts`` to ``out_dir/samples/stage{k}-{step}.png`` and every
         ``save_every`` steps a checkpoint to ``out_dir/checkpoint`` (main process only). The cosine horizon of
-        the stage is ``steps`` unless ``total_steps`` was set. ``on_step`` is called after every step with the
-        stage's step count; ``progress_position`` places the progress bar (one line per process that trains a
-        stage at the same time). Returns ``{"stage", "steps", "loss", "seconds"}``.
+        the stage is ``steps`` unless ``total_steps`` was set; the progress bar sits on line
+        :attr:`progress_line`. ``on_step`` is called after every step with the stage's step count.
+        ``start_batch``: the position in the loader's order to start from (batches an earlier run already
+        took; default 0): whole epochs and batches are skipped by index, without loading data, and a
+        DataLoader's generator advances as those epochs advanced it, so a resumed run sees the batches an
+        uninterrupted one would. Returns ``{"stage", "steps", "loss", "seconds"}``.
         """
-        k = self._stage(stage)
+        k = self._index(stage)
         if int(steps) < 1:
             raise ValueError(f"steps: expected a positive number of steps, got {steps}")
         if (sample_every or save_every) and out_dir is None:
             raise ValueError("out_dir: needed to write samples or checkpoints")
-        if self.horizons[k] is None:
-            self.horizons[k] = self.steps[k] + int(steps)
-        loader = self._prepare_loader(dataloader)
+        state = self.stages[k]
+        if state.horizon is None:
+            state.horizon = state.step + int(steps)
+        self.start_trackers()
         bar = tqdm(total=int(steps), desc=f"stage {k}", disable=disable_progress or not self.is_main_process,
-                   position=progress_position)
+                   position=self.progress_line)
         start, window, mean = time.time(), [], float("nan")
-        for i, batch in zip(range(int(steps)), _forever(loader)):
+        for i, batch in zip(range(int(steps)), _forever(self._prepare_loader(dataloader), int(start_batch))):
             window.append(self.train_step(k, batch))
             step = i + 1
             if step % log_every == 0 or step == int(steps):
                 mean = self._reduced_mean(window)
                 window = []
-                self.accelerator.log({f"stage{k}/loss": mean, f"stage{k}/lr": self.optimizers[k].param_groups[0]["lr"]},
-                                     step=self.steps[k])
+                self.accelerator.log({f"stage{k}/loss": mean, f"stage{k}/lr": state.optimizer.param_groups[0]["lr"]},
+                                     step=state.step)
                 bar.set_postfix(loss=f"{mean:.4f}")
             bar.update(1)
             if on_step is not None:
-                on_step(self.steps[k])
+                on_step(state.step)
             if sample_every and step % sample_every == 0 and sample_prompts:
-                self.write_samples(Path(out_dir) / "samples" / f"stage{k}-{self.steps[k]:06d}.png", sample_prompts,
+                self.write_samples(Path(out_dir) / "samples" / f"stage{k}-{state.step:06d}.png", sample_prompts,
                                    stop_at_stage=k, seed=sample_seed)
             if save_every and step % save_every == 0:
                 self.save(Path(out_dir) / "checkpoint")
@@ -388,7 +468,7 @@ class Trainer:
         if self.is_main_process:
             tensors, state = self._trainer_state()
             files = {f"stage{k}": st.net.state_dict() for k, st in enumerate(self.cascade.stages)}
-            files.update({f"stage{k}.ema": e.ema_model.state_dict() for k, e in enumerate(self.emas)})
+            files.update({f"stage{k}.ema": st.ema.ema_model.state_dict() for k, st in enumerate(self.stages)})
             if self.text_ema is not None:
                 files["text_encoder"] = self.cascade.text_encoder.model.state_dict()
                 files["text_encoder.ema"] = self.text_ema.ema_model.state_dict()
@@ -401,14 +481,15 @@ class Trainer:
     def _trainer_state(self) -> tuple[dict, dict]:
         tensors: dict[str, Tensor] = {}
         state = {
-            "run_id": self.run_id, "steps": list(self.steps), "horizons": list(self.horizons),
+            "run_id": self.run_id, "steps": self.steps, "horizons": self.horizons,
             "settings": self.settings.config,
-            "optimizers": [ckpt.split_state(o.state_dict(), f"opt{k}", tensors) for k, o in enumerate(self.optimizers)],
+            "optimizers": [ckpt.split_state(st.optimizer.state_dict(), f"opt{k}", tensors)
+                           for k, st in enumerate(self.stages)],
             "rng": ckpt.rng_state(tensors),
-            "scaler": None if self.accelerator.scaler is None else self.accelerator.scaler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
-        for k, e in enumerate(self.emas):
-            tensors[f"ema{k}.step"], tensors[f"ema{k}.initted"] = e.step, e.initted
+        for k, st in enumerate(self.stages):
+            tensors[f"ema{k}.step"], tensors[f"ema{k}.initted"] = st.ema.step, st.ema.initted
         if self.text_ema is not None:
             tensors["ema_text.step"], tensors["ema_text.initted"] = self.text_ema.step, self.text_ema.initted
         return tensors, state
@@ -424,59 +505,41 @@ class Trainer:
         if [s["network"] for s in config["stages"]] != [s["network"] for s in mine["stages"]]:
             raise ValueError(f"path: checkpoint {path!s} holds a different cascade architecture than this trainer's")
         partial = stages is not None
-        chosen = sorted({self._stage(k) for k in stages}) if partial else range(len(self.cascade.stages))
-        device = self.device
-        for k in chosen:
-            self.cascade.stages[k].net.load_state_dict(ckpt.read_tensors(path, f"stage{k}", device))
-            self.emas[k].ema_model.load_state_dict(ckpt.read_tensors(path, f"stage{k}.ema", device))
-        if self.train_text and not partial:
-            self.cascade.text_encoder.model.load_state_dict(ckpt.read_tensors(path, "text_encoder", device))
-            self.text_ema.ema_model.load_state_dict(ckpt.read_tensors(path, "text_encoder.ema", device))
-        tensors = ckpt.read_tensors(path, "trainer", device)
+        chosen = sorted({self._index(k) for k in stages}) if partial else range(self.num_stages)
+        tensors = ckpt.read_tensors(path, "trainer", self.device)
         state = ckpt.read_json(path, "trainer")
         for k in chosen:
-            self.optimizers[k].load_state_dict(ckpt.join_state(state["optimizers"][k], tensors))
-            self.emas[k].step.copy_(tensors[f"ema{k}.step"])
-            self.emas[k].initted.copy_(tensors[f"ema{k}.initted"])
+            self._load_stage(path, k, state, tensors)
         if partial:
-            for k in chosen:
-                self.steps[k], self.horizons[k] = state["steps"][k], state["horizons"][k]
             return self
-        if self.text_ema is not None:
+        if self.train_text:
+            self.cascade.text_encoder.model.load_state_dict(ckpt.read_tensors(path, "text_encoder", self.device))
+            self.text_ema.ema_model.load_state_dict(ckpt.read_tensors(path, "text_encoder.ema", self.device))
             self.text_ema.step.copy_(tensors["ema_text.step"])
             self.text_ema.initted.copy_(tensors["ema_text.initted"])
-        if state.get("scaler") and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.steps, self.horizons, self.run_id = list(state["steps"]), list(state["horizons"]), state["run_id"]
+        if state.get("scaler") and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.run_id = state["run_id"]
         ckpt.set_rng_state(state["rng"], {k: v.cpu() for k, v in tensors.items()})
         if self.accelerator.process_index > 0:  # one saved stream, but each process needs its own noise
             torch.manual_seed(int(torch.randint(0, 2**62, ())) + self.accelerator.process_index)
         return self
 
-
-def _encoder_call(module: Optional[nn.Module], cascade: Cascade):
-    """A text-encoder callable built on another copy of the encoder's T5 model (the EMA one)."""
-    if module is None:
-        return None
-    encoder = cascade.text_encoder
-
-    def encode(texts):
-        ids, mask = encoder.tokenize(texts)
-        was_training = module.training
-        module.eval()  # no dropout: sampling and validation are deterministic
-        try:
-            hidden = module(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        finally:
-            module.train(was_training)
-        return hidden * mask.unsqueeze(-1).to(hidden.dtype), mask
-
-    return encode
+    def _load_stage(self, path: Union[str, Path], k: int, state: dict, tensors: dict) -> None:
+        """Stage ``k``'s weights, EMA, optimizer state, step count and horizon from a checkpoint."""
+        st = self.stages[k]
+        self.cascade.stages[k].net.load_state_dict(ckpt.read_tensors(path, f"stage{k}", self.device))
+        st.ema.ema_model.load_state_dict(ckpt.read_tensors(path, f"stage{k}.ema", self.device))
+        st.optimizer.load_state_dict(ckpt.join_state(state["optimizers"][k], tensors))
+        st.ema.step.copy_(tensors[f"ema{k}.step"])
+        st.ema.initted.copy_(tensors[f"ema{k}.initted"])
+        st.step, st.horizon = state["steps"][k], state["horizons"][k]
 
 
-def _forever(loader: Iterable):
-    """Batches of ``loader``, epoch after epoch, telling the loader and its data set (new crops, flips and
-    shard order) each epoch's number before it starts."""
-    epoch = 0
+def _forever(loader: Iterable, start_batch: int = 0):
+    """Batches of ``loader``, epoch after epoch from batch ``start_batch`` of that order on, telling the loader
+    and its data set (new crops, flips and shard order) each epoch's number before it starts."""
+    epoch, skip = _skip_to(loader, start_batch)
     dataset = getattr(loader, "dataset", None)
     while True:
         if hasattr(loader, "set_epoch"):
@@ -484,20 +547,49 @@ def _forever(loader: Iterable):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         empty = True
-        for batch in loader:
+        for batch in (_skip_first_batches(loader, skip) if skip else loader):
             empty = False
             yield batch
         if empty:
             raise ValueError("dataloader: it yielded no batch")
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def _skip_to(loader: Iterable, start_batch: int) -> tuple[int, int]:
+    """(epoch, batch within it) of position ``start_batch``, after taking the loader through the epochs before
+    it: each iterates the loader with every batch skipped (indices only, no data is loaded), so the loader's
+    generator draws each epoch's permutation, as it did for the run that trained them."""
+    if start_batch == 0:
+        return 0, 0
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if start_batch < 0 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        raise ValueError(f"start_batch: expected 0, or a position >= 0 in a DataLoader over a map-style data set "
+                         f"(an iterable one cannot skip by index), got {start_batch} for {type(loader).__name__}")
+    per_epoch = len(loader)
+    epoch, skip = divmod(start_batch, per_epoch)
+    for _ in range(epoch):
+        for _ in _skip_first_batches(loader, per_epoch):  # yields nothing
+            pass
+    return epoch, skip
+
+
+def _skip_first_batches(loader, num_batches: int):
+    from accelerate import skip_first_batches
+
+    return skip_first_batches(loader, num_batches)
+
+
+def flatten_config(tree: Any, prefix: str = "") -> dict:
+    """A nested config as ``{"stages.0.train.steps": 1000, ...}``: trackers take flat scalar values only
+    (other values become strings)."""
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree if isinstance(tree, (int, float, str, bool)) or tree is None else str(tree)}
     out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    for key, value in items:
+        out.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
     return out

@@ -1,0 +1,238 @@
+"""The one training loop of a configured cascade: ``imagen-lib train`` and ``examples/train.py`` both call
+:func:`train_stages`, so they share every rule below.
+
+- Stages: the ones asked for (default all, lowest resolution first), each for the steps its config gives
+  (``stages.K.train.steps``) less those it has taken.
+- Data order: stage k's DataLoader shuffles with a generator seeded ``seed + k`` (the config's ``seed``).
+- Resuming: from ``OUT/checkpoint``; every stage continues at its step count and its data order where it
+  stopped (the batches already taken are skipped by index), so a resumed run sees the batches an
+  uninterrupted one would.
+- Training noise: the main process keeps the stream the cascade's construction left (seeded by the config);
+  other processes re-seed with ``seed + process index``, so their noise differs while their weights agree.
+- Output: ``OUT/config.yaml``, a checkpoint after each stage, a final grid of the sample prompts in
+  ``OUT/samples.png``, grids every ``sample_every`` steps in ``OUT/samples/``.
+- ``parallel_stages`` in the config: the stages after the first train in their own processes
+  (:mod:`imagen_lib.training.parallel`) through :func:`train_stage`, the same code as the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from imagen_lib import checkpoint as ckpt
+from imagen_lib import config as cfg
+from imagen_lib.training.trainer import Trainer
+
+
+@dataclass
+class RunOptions:
+    """How :func:`train_stages` runs (defaults in brackets).
+
+    Attributes:
+        stages: indices of the stages to train, in this order [None: all, lowest resolution first].
+        resume: True: continue from ``OUT/checkpoint`` (an error when there is none); False: start afresh (an
+            existing checkpoint is then an error unless ``overwrite``); None: continue when there is one [None].
+        overwrite: replace a checkpoint another run wrote in ``OUT`` [False].
+        log_every: steps between logged losses [50].
+        sample_every: steps between sample grids in ``OUT/samples/`` [None: only the final grid].
+        save_every: steps between checkpoints within a stage [None: after each stage only].
+        progress: show progress bars [True].
+    """
+
+    stages: Optional[Sequence[int]] = None
+    resume: Optional[bool] = None
+    overwrite: bool = False
+    log_every: int = 50
+    sample_every: Optional[int] = None
+    save_every: Optional[int] = None
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    """What :func:`train_stages` did: the checkpoint, the final sample grid (None: no prompts, or not the main
+    process) and its prompts, each trained stage's :meth:`Trainer.fit` summary, and whether it resumed."""
+
+    checkpoint: Path
+    samples: Optional[str] = None
+    prompts: list[str] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
+    resumed: bool = False
+
+
+def train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options: Optional[RunOptions] = None,
+                 **option_overrides) -> RunResult:
+    """Train the stages of ``config``'s cascade with ``trainer`` (made from that config) into folder ``out``.
+
+    ``options`` (a :class:`RunOptions`; keyword arguments override its fields) say which stages, whether to
+    resume, and how often to log, sample and save. Call it on every process. See the module's docstring for
+    the rules on data order, resuming and noise.
+    """
+    options = dataclasses.replace(options or RunOptions(), **option_overrides)
+    out = Path(out)
+    checkpoint = out / "checkpoint"
+    _seed_other_processes(trainer, _seed(config))
+    resumed = _open_checkpoint(trainer, checkpoint, options)
+    if trainer.is_main_process:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    trainer.start_trackers(config)
+    todo = _stages_left(trainer, config, options.stages)
+    prompts = sample_prompts(config)
+    background = _start_background(trainer, config, todo, out, checkpoint if resumed else None, options)
+    result = RunResult(checkpoint, prompts=prompts, resumed=resumed)
+    try:
+        for k, steps in todo[:1] if background else todo:
+            on_step = background.joiner(trainer) if background else None
+            result.stages.append(train_stage(trainer, config, k, steps, out, options, prompts, on_step))
+            if background:
+                background.join(trainer)
+            trainer.save(checkpoint, overwrite=options.overwrite)
+    finally:
+        if background:
+            background.stop()
+    if not todo and not ckpt.is_checkpoint(checkpoint):
+        trainer.save(checkpoint, overwrite=options.overwrite)
+    if prompts:
+        result.samples = trainer.write_samples(out / "samples.png", prompts, seed=cfg.sample_settings(config)["seed"],
+                                               num_images_per_prompt=1, disable_progress=not options.progress)
+    trainer.accelerator.end_training()
+    return result
+
+
+def train_stage(trainer: Trainer, config: dict, stage: int, steps: int, out: Union[str, Path],
+                options: RunOptions, prompts: Sequence[str] = (), on_step: Optional[Callable[[int], None]] = None,
+                progress_line: Optional[int] = None) -> dict:
+    """Train ``stage`` for ``steps`` more steps on its configured data, from where its data order stopped
+    (``trainer.steps[stage]`` batches in); prints and returns :meth:`Trainer.fit`'s summary.
+
+    ``progress_line``: the line of the progress bar (one per process training a stage at the same time).
+    """
+    from torch.utils.data import IterableDataset
+
+    loader = stage_loader(config, stage)
+    # an iterable data set (shards) cannot skip by index: it restarts its own order when a run resumes
+    start = 0 if isinstance(loader.dataset, IterableDataset) else trainer.steps[stage]
+    trainer.progress_line = progress_line
+    result = trainer.fit(loader, stage, steps, log_every=options.log_every, sample_every=options.sample_every,
+                         sample_prompts=prompts, out_dir=out, save_every=options.save_every,
+                         sample_seed=cfg.sample_settings(config)["seed"], disable_progress=not options.progress,
+                         on_step=on_step, start_batch=start)
+    if trainer.is_main_process:
+        print(f"stage {stage}: {result['steps']} steps in {result['seconds']:.0f}s, final loss {result['loss']:.4f}",
+              flush=True)
+    return result
+
+
+def stage_loader(config: dict, stage: int):
+    """Stage ``stage``'s DataLoader: the config's data at the stage's image size, its batch size, the last
+    incomplete batch dropped, shuffled with a generator seeded ``seed + stage`` (an iterable data set, e.g.
+    shards, shuffles itself: shard order and a buffer)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    dataset, workers = cfg.build_dataset(config, config["stages"][stage]["image_size"])
+    return DataLoader(dataset, batch_size=cfg.stage_training(config, stage)["batch_size"],
+                      shuffle=not isinstance(dataset, IterableDataset), drop_last=True, num_workers=workers,
+                      collate_fn=getattr(dataset, "collate_fn", None),
+                      generator=torch.Generator().manual_seed(_seed(config) + stage))
+
+
+def sample_prompts(config: dict) -> list[str]:
+    """The config's ``sample.prompts``, else the captions of the first eight training images (a data set that
+    can be indexed), else none."""
+    prompts = cfg.sample_settings(config)["prompts"]
+    if prompts:
+        return prompts
+    from torch.utils.data import IterableDataset
+
+    dataset, _ = cfg.build_dataset(config, config["stages"][0]["image_size"])
+    if isinstance(dataset, IterableDataset):
+        return []
+    items = (dataset[i] for i in range(min(8, len(dataset))))
+    return [item["texts"] for item in items if "texts" in item]
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _seed(config: dict) -> int:
+    return int(config.get("seed") or 0)
+
+
+def _seed_other_processes(trainer: Trainer, seed: int) -> None:
+    """Processes after the first draw their own training noise (every process built the same cascade from
+    the same seed; distributed data parallel keeps their weights equal)."""
+    if trainer.accelerator.process_index > 0:
+        torch.manual_seed(seed + trainer.accelerator.process_index)
+
+
+def _open_checkpoint(trainer: Trainer, checkpoint: Path, options: RunOptions) -> bool:
+    """Load ``checkpoint`` when the options say to resume; returns whether it did."""
+    exists = ckpt.is_checkpoint(checkpoint)
+    if options.resume and not exists:
+        raise FileNotFoundError(f"resume: there is no checkpoint at {checkpoint} to continue from")
+    if exists and options.resume is False:
+        if options.overwrite:
+            return False
+        raise FileExistsError(f"out: {checkpoint} already holds a checkpoint; resume from it or overwrite it")
+    if exists:
+        trainer.load(checkpoint)  # weights, EMA, optimizer, schedule, step counts and RNG
+        if trainer.is_main_process:
+            print(f"resumed from {checkpoint} at steps {trainer.steps}", flush=True)
+    return exists
+
+
+def _stages_left(trainer: Trainer, config: dict, stages: Optional[Sequence[int]]) -> list[tuple[int, int]]:
+    """(stage, steps left) of the chosen stages that have steps left."""
+    n = len(config["stages"])
+    chosen = list(range(n)) if stages is None else list(stages)
+    if not all(isinstance(k, int) and 0 <= k < n for k in chosen):
+        raise ValueError(f"stages: expected stage indices in [0, {n - 1}], got {stages!r}")
+    todo = []
+    for k in chosen:
+        left = cfg.stage_training(config, k)["steps"] - trainer.steps[k]
+        if left > 0:
+            todo.append((k, left))
+        elif trainer.is_main_process:
+            print(f"stage {k}: already trained for {trainer.steps[k]} steps", flush=True)
+    return todo
+
+
+def _start_background(trainer: Trainer, config: dict, todo: list, out: Path, resume_from: Optional[Path],
+                      options: RunOptions):
+    """With ``parallel_stages`` (and more than one stage to train): the stages after the first started in
+    their own processes; else None."""
+    from imagen_lib.training import parallel
+
+    settings = cfg.parallel_settings(config)
+    if settings is None or len(todo) < 2 or not parallel.parallel_applies(trainer):
+        return None
+    jobs = {k: dict(config=config, steps=steps, out=str(out), options=options,
+                    resume_from=None if resume_from is None else str(resume_from)) for k, steps in todo[1:]}
+    return parallel.BackgroundStages(_train_stage_in_process, jobs, out, settings["threads_per_stage"],
+                                     join_at_step=settings["join_at_step"])
+
+
+def _train_stage_in_process(*, stage: int, part: str, position: int, config: dict, steps: int, out: str,
+                            options: RunOptions, resume_from: Optional[str]) -> None:
+    """Body of a background stage (a fresh interpreter): build the cascade as the main process does, train
+    ``stage`` with :func:`train_stage`, and save to ``part/checkpoint`` for the main process to take over."""
+    trainer = Trainer(cfg.build_cascade(config), settings=cfg.trainer_settings(config), cpu=True)
+    if resume_from:
+        trainer.load(resume_from)
+    torch.manual_seed(_seed(config) + 1000 * stage + trainer.steps[stage])  # its own noise, fixed by the config
+    start = time.time()
+    own = dataclasses.replace(options, sample_every=None, save_every=None)  # the main process writes those
+    train_stage(trainer, config, stage, steps, out, own, progress_line=position)
+    trainer.save(Path(part) / "checkpoint", overwrite=True)
+    print(f"stage {stage}: in its own process with {torch.get_num_threads()} thread(s), "
+          f"{time.time() - start:.0f}s in all", flush=True)
