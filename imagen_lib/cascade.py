@@ -1,18 +1,18 @@
 """The cascade: a text encoder (optional) and a list of stages, each a network, a diffusion process, an image
 size and sampler settings. It joins the parts and has no maths of its own: losses come from the diffusion
-processes, samplers from :mod:`imagen_lib.diffusion.sampling`, guidance, thresholding and inpainting from
+processes, samplers from :mod:`imagen_lib.diffusion.samplers`, guidance, thresholding and inpainting from
 :mod:`imagen_lib.diffusion.guidance`, low-resolution conditioning noise from :mod:`imagen_lib.diffusion.noise_augment`.
 
 Images are in [-1, 1] for training (:meth:`Cascade.forward`) and in [0, 1] (or PIL) out of
-:meth:`Cascade.sample`.
+:meth:`Cascade.sample`. The parts are checked structurally against :mod:`imagen_lib.protocols`, so a network,
+process or text encoder of your own plugs in; checkpoints are read and written by
+:mod:`imagen_lib.cascade_checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -21,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imagen_lib import checkpoint as ckpt
-from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config, guidance, sampling
+from imagen_lib import cascade_checkpoint
+from imagen_lib.diffusion import diffusion_from_config, diffusion_kind, guidance
+from imagen_lib.diffusion.noise import Generator, rand
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
+from imagen_lib.diffusion.samplers import SAMPLERS, get_sampler
+from imagen_lib.protocols import DiffusionProcess, Network, TextEncoder, check_protocol, plain_config
 
 CONFIG_FORMAT = "imagen_lib.cascade/1"
 
@@ -38,7 +41,7 @@ class SamplerSettings:
     """How a stage samples; every field can be overridden per call.
 
     Attributes:
-        sampler: a name in :data:`imagen_lib.diffusion.sampling.SAMPLERS`; None (default) = the diffusion process's
+        sampler: a name in :data:`imagen_lib.diffusion.samplers.SAMPLERS`; None (default) = the diffusion process's
             ``default_sampler`` (``dpmpp_2m``).
         steps: sampling steps; None (default) = the process's ``default_steps`` (25).
         cond_scale: classifier-free guidance weight, default 3.0; 1.0 = no guidance (Imagen: 5-10,
@@ -64,7 +67,7 @@ class SamplerSettings:
 
     def __post_init__(self):
         if self.sampler is not None:
-            sampling.get_sampler(self.sampler)  # raises with the list of choices
+            get_sampler(self.sampler)  # raises with the list of choices
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"steps: expected None or a positive int, got {self.steps!r}")
         if self.threshold not in ("dynamic", "static", "none"):
@@ -95,10 +98,12 @@ class Stage:
     """One stage of a cascade.
 
     Attributes:
-        net: a network following the network protocol (:class:`~imagen_lib.nn.unet.Unet`,
-            :class:`~imagen_lib.nn.efficient_unet.EfficientUnet`).
-        diffusion: :class:`~imagen_lib.diffusion.GaussianDiffusionContinuous` or
-            :class:`~imagen_lib.diffusion.ElucidatedDiffusion`.
+        net: a network following :class:`imagen_lib.protocols.Network` (:class:`~imagen_lib.nn.unet.Unet`,
+            :class:`~imagen_lib.nn.efficient_unet.EfficientUnet`, or one of your own).
+        diffusion: a process following :class:`imagen_lib.protocols.DiffusionProcess`
+            (:class:`~imagen_lib.diffusion.GaussianDiffusionContinuous`,
+            :class:`~imagen_lib.diffusion.ElucidatedDiffusion`, a subclass or one of your own; to load it from
+            a checkpoint, register its class with :func:`imagen_lib.diffusion.register_diffusion`).
         image_size: side of the square images this stage produces.
         sampler: its :class:`SamplerSettings`.
         lowres_aug: the noise-conditioning augmentation of a super-resolution stage (its ``max_train_level``
@@ -110,34 +115,35 @@ class Stage:
             self-attention sees the same local statistics at a fraction of the cost per step. Default None.
     """
 
-    net: nn.Module
-    diffusion: Any
+    net: Network
+    diffusion: DiffusionProcess
     image_size: int
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     lowres_aug: Optional[NoiseAugmentation] = None
     random_crop_size: Optional[int] = None
 
     def __post_init__(self):
-        for attr in ("config", "channels", "lowres_cond", "text_embed_dim"):
-            if not hasattr(self.net, attr):
-                raise TypeError(f"net: expected a network with .{attr} (Unet or EfficientUnet), got {type(self.net).__name__}")
-        if type(self.diffusion).__name__ not in DIFFUSIONS:
-            raise TypeError(f"diffusion: expected one of {sorted(DIFFUSIONS)}, got {type(self.diffusion).__name__}")
+        check_protocol(self.net, Network, "net")
+        check_protocol(self.diffusion, DiffusionProcess, "diffusion")
+        if self.diffusion.default_sampler not in SAMPLERS:
+            raise ValueError(f"diffusion: its default_sampler {self.diffusion.default_sampler!r} is not one of "
+                             f"{sorted(SAMPLERS)}")
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise ValueError(f"image_size: expected a positive int, got {self.image_size!r}")
         if not isinstance(self.sampler, SamplerSettings):
             raise TypeError(f"sampler: expected SamplerSettings, got {type(self.sampler).__name__}")
         if self.net.lowres_cond and self.lowres_aug is None:
             self.lowres_aug = NoiseAugmentation()
-        crop = self.random_crop_size
-        if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or not 1 <= crop <= self.image_size):
-            raise ValueError(f"random_crop_size: expected None or an int in [1, image_size={self.image_size}], got {crop!r}")
+        crop, size = self.random_crop_size, self.image_size
+        if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or not 1 <= crop <= size):
+            raise ValueError(f"random_crop_size: expected None or an int in [1, image_size={size}], got {crop!r}")
 
     @property
     def config(self) -> dict:
+        """Plain JSON values: the network's and process's kind and configuration, and the stage's settings."""
         return {
-            "network": {"kind": type(self.net).__name__, "config": self.net.config},
-            "diffusion": {"kind": type(self.diffusion).__name__, "config": self.diffusion.config},
+            "network": {"kind": type(self.net).__name__, "config": plain_config(self.net.config)},
+            "diffusion": {"kind": diffusion_kind(self.diffusion), "config": dict(self.diffusion.config)},
             "image_size": self.image_size,
             "sampler": self.sampler.config,
             "lowres_aug": None if self.lowres_aug is None else self.lowres_aug.config,
@@ -153,14 +159,14 @@ def resize(images: Tensor, size: int) -> Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
 
 
-def random_crops(images: Sequence[Tensor], size: int, generator: sampling.Generator = None) -> list[Tensor]:
+def random_crops(images: Sequence[Tensor], size: int, generator: Generator = None) -> list[Tensor]:
     """The same random ``size`` x ``size`` window of each row cut from every tensor of ``images`` (all
     (B, C, H, W) with equal B, H, W): row ``b`` keeps ``[top_b : top_b + size, left_b : left_b + size]``, offsets
     uniform over the positions that fit."""
     b, _, h, w = images[0].shape
     device = images[0].device
-    tops = (sampling.rand((b,), generator, device) * (h - size + 1)).long().clamp_(max=h - size)
-    lefts = (sampling.rand((b,), generator, device) * (w - size + 1)).long().clamp_(max=w - size)
+    tops = (rand((b,), generator, device) * (h - size + 1)).long().clamp_(max=h - size)
+    lefts = (rand((b,), generator, device) * (w - size + 1)).long().clamp_(max=w - size)
     offsets = torch.arange(size, device=device)
     rows = (tops[:, None] + offsets)[:, None, :, None]      # (B, 1, size, 1)
     cols = (lefts[:, None] + offsets)[:, None, None, :]     # (B, 1, 1, size)
@@ -168,9 +174,44 @@ def random_crops(images: Sequence[Tensor], size: int, generator: sampling.Genera
     return [x[batch, torch.arange(x.shape[1], device=device)[None, :, None, None], rows, cols] for x in images]
 
 
+def _check_images(images: Any) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise ValueError(f"images: expected a (B, C, H, W) tensor in [0, 1], got {type(images).__name__}")
+
+
+@dataclass(frozen=True)
+class StartImages:
+    """Begin sampling at a super-resolution ``stage`` (default 1) from your own ``images``: (B, C, H, W) in
+    [0, 1], one per prompt or one per image, any size (each stage resizes its input)."""
+
+    images: Tensor
+    stage: int = 1
+
+    def __post_init__(self):
+        _check_images(self.images)
+        if not isinstance(self.stage, int) or isinstance(self.stage, bool) or self.stage < 1:
+            raise ValueError(f"stage: expected a super-resolution stage index (1 or more), got {self.stage!r}")
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """RePaint inpainting at every stage: ``images`` (B, C, H, W) in [0, 1], one per prompt or one per image,
+    and ``masks`` (H, W), (B, H, W) or (B, 1, H, W), True = keep that pixel of ``images``."""
+
+    images: Tensor
+    masks: Tensor
+
+    def __post_init__(self):
+        _check_images(self.images)
+        if not isinstance(self.masks, Tensor) or not 2 <= self.masks.ndim <= 4:
+            raise ValueError("masks: expected a bool tensor (H, W), (B, H, W) or (B, 1, H, W), True = keep")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the cascade
 # ---------------------------------------------------------------------------------------------------------
+
+PromptEncoder = Callable[[Sequence[str]], tuple[Tensor, Tensor]]
 
 
 class Cascade(nn.Module):
@@ -179,24 +220,30 @@ class Cascade(nn.Module):
     Args:
         stages: the stages, lowest resolution first; every stage after the first is a super-resolution
             stage (``net.lowres_cond``) whose input is the previous stage's output.
-        text_encoder: a :class:`~imagen_lib.text.T5TextEncoder`, or None (default) to pass precomputed
-            ``text_embeds`` + ``text_mask`` everywhere (or for an unconditional cascade).
+        text_encoder: an encoder following :class:`imagen_lib.protocols.TextEncoder`
+            (:class:`~imagen_lib.text.T5TextEncoder`), or None (default) to pass precomputed ``text_embeds`` +
+            ``text_mask`` everywhere (or for an unconditional cascade).
         cond_drop_prob: probability of dropping the text of a training example, for classifier-free
             guidance, default 0.1 (Imagen's; NeMo's ``drop_rate``).
     """
 
-    def __init__(self, stages: Sequence[Stage], text_encoder: Optional[nn.Module] = None, cond_drop_prob: float = 0.1):
+    def __init__(
+        self, stages: Sequence[Stage], text_encoder: Optional[TextEncoder] = None, cond_drop_prob: float = 0.1,
+    ):
         super().__init__()
         stages = list(stages)
         if not stages or not all(isinstance(s, Stage) for s in stages):
             raise TypeError("stages: expected a non-empty list of Stage")
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob: expected a probability in [0, 1), got {cond_drop_prob}")
+        if text_encoder is not None:
+            check_protocol(text_encoder, TextEncoder, "text_encoder")
         self._check_stages(stages, text_encoder)
         self.stages = stages
         self.nets = nn.ModuleList([s.net for s in stages])  # registered so .to(), .parameters() see them
         self.text_encoder = text_encoder
         self.cond_drop_prob = float(cond_drop_prob)
+        self._prompt_encoder: Optional[PromptEncoder] = None  # set by using(); None: the text encoder
 
     @staticmethod
     def _check_stages(stages: list[Stage], text_encoder) -> None:
@@ -206,14 +253,44 @@ class Cascade(nn.Module):
             if not cur.net.lowres_cond:
                 raise ValueError(f"stages: stage {k} follows another stage, so its net needs lowres_cond=True")
             if cur.image_size < prev.image_size:
-                raise ValueError(f"stages: stage {k} has image_size {cur.image_size} < {prev.image_size} of stage {k - 1}")
+                raise ValueError(f"stages: stage {k} ({cur.image_size} px) is smaller than stage {k - 1}")
         channels = {s.net.channels for s in stages}
         dims = {s.net.text_embed_dim for s in stages}
         if len(channels) > 1 or len(dims) > 1:
             raise ValueError(f"stages: all nets need the same channels and text_embed_dim, got {channels}, {dims}")
         dim = dims.pop()
         if text_encoder is not None and dim != text_encoder.embed_dim:
-            raise ValueError(f"text_encoder: embed_dim {text_encoder.embed_dim} differs from the nets' text_embed_dim {dim}")
+            raise ValueError(f"text_encoder: embed_dim {text_encoder.embed_dim} differs from the nets' {dim}")
+
+    def using(
+        self, networks: Optional[Sequence[nn.Module]] = None, text_encoder: Optional[PromptEncoder] = None,
+    ) -> "Cascade":
+        """A view of this cascade that runs other modules (e.g. the Trainer's EMA copies); the original is
+        left untouched. ``networks``: one per stage with its stage's configuration, in place of the stages'
+        nets; ``text_encoder``: any callable ``texts -> (text_embeds, text_mask)`` (a T5TextEncoder, a function)
+        that encodes prompts in place of the cascade's own. Both default to what this cascade uses. Everything
+        else is shared: processes, sampler settings, noise augmentation, ``cond_drop_prob`` and the text encoder
+        that :attr:`config` and checkpoints describe."""
+        stages = self.stages
+        if networks is not None:
+            networks = list(networks)
+            if len(networks) != len(stages):
+                raise ValueError(f"networks: expected {len(stages)} networks (one per stage), got {len(networks)}")
+            for k, (net, st) in enumerate(zip(networks, stages)):
+                check_protocol(net, Network, f"networks[{k}]")
+                if plain_config(net.config) != plain_config(st.net.config):
+                    raise ValueError(f"networks[{k}]: expected the configuration of stage {k}'s net, got another")
+            stages = [dataclasses.replace(st, net=net) for st, net in zip(stages, networks)]
+        view = Cascade(stages, text_encoder=self.text_encoder, cond_drop_prob=self.cond_drop_prob)
+        view.training = self.training  # the flag only: train() would reach into the shared modules
+        encoder = text_encoder if text_encoder is not None else self._prompt_encoder
+        if encoder is not None:
+            dim = getattr(encoder, "embed_dim", self.text_embed_dim)  # checked when the encoder says
+            if self.text_embed_dim is None or not callable(encoder) or dim != self.text_embed_dim:
+                raise ValueError(f"text_encoder: expected a callable giving {self.text_embed_dim}-wide embeddings "
+                                 f"for this cascade's nets, got {type(encoder).__name__}")
+            view._prompt_encoder = encoder
+        return view
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -248,13 +325,11 @@ class Cascade(nn.Module):
 
     def condition(
         self, batch: int, texts: Optional[Sequence[str]] = None, text_embeds: Optional[Tensor] = None,
-        text_mask: Optional[Tensor] = None, text_encoder: Optional[nn.Module] = None,
+        text_mask: Optional[Tensor] = None, text_encoder: Optional[PromptEncoder] = None,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """The nets' ``(text_embeds, text_mask)`` for a batch, from ``texts`` or precomputed embeddings.
-
-        ``text_mask`` defaults to the non-zero rows of ``text_embeds`` (padded positions are zero).
-        Returns ``(None, None)`` for an unconditional cascade.
-        """
+        """The nets' ``(text_embeds, text_mask)`` for a batch, from ``texts`` (encoded by ``text_encoder`` when
+        given, else by the cascade's: see :meth:`using`) or precomputed embeddings. ``text_mask`` defaults to the
+        non-zero rows of ``text_embeds`` (padded positions are zero). ``(None, None)`` when unconditional."""
         if texts is not None and text_embeds is not None:
             raise ValueError("texts, text_embeds: pass one of them, not both")
         if self.text_embed_dim is None:
@@ -264,7 +339,7 @@ class Cascade(nn.Module):
         if texts is not None:
             if isinstance(texts, str):
                 texts = [texts]
-            encoder = text_encoder if text_encoder is not None else self.text_encoder
+            encoder = next((e for e in (text_encoder, self._prompt_encoder, self.text_encoder) if e is not None), None)
             if encoder is None:
                 raise ValueError("texts: this cascade has no text encoder; pass text_embeds and text_mask")
             text_embeds, text_mask = encoder(list(texts))
@@ -287,7 +362,7 @@ class Cascade(nn.Module):
     def forward(
         self, images: Tensor, texts: Optional[Sequence[str]] = None, text_embeds: Optional[Tensor] = None,
         text_mask: Optional[Tensor] = None, stage: int = 0, *, net: Optional[nn.Module] = None,
-        text_encoder: Optional[nn.Module] = None, generator: sampling.Generator = None,
+        text_encoder: Optional[nn.Module] = None, generator: Generator = None,
     ) -> Tensor:
         """Training loss (scalar, mean over the batch) of ``stage`` on ``images`` (B, C, H, W) in [-1, 1].
 
@@ -308,7 +383,7 @@ class Cascade(nn.Module):
         b = images.shape[0]
         embeds, mask = self.condition(b, texts, text_embeds, text_mask, text_encoder)
         if embeds is not None and self.training and self.cond_drop_prob > 0:
-            keep = sampling.rand((b,), generator, self.device) >= self.cond_drop_prob
+            keep = rand((b,), generator, self.device) >= self.cond_drop_prob
             mask = mask & keep[:, None]
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         kwargs: dict[str, Any] = {}
@@ -327,13 +402,22 @@ class Cascade(nn.Module):
     # sampling
     # ----------------------------------------------------------------------------------------------------
 
-    def _settings(self, k: int, steps, sampler, cond_scale, stage_overrides) -> SamplerSettings:
-        """Stage settings < call-wide arguments < ``stage_overrides[k]``."""
-        changes = {n: v for n, v in (("steps", steps), ("sampler", sampler), ("cond_scale", cond_scale)) if v is not None}
+    @staticmethod
+    def _call_wide(cond_scale: Optional[float], settings: dict) -> dict:
+        """The :class:`SamplerSettings` fields a call sets for every stage (None values keep each stage's own)."""
+        names = {f.name for f in dataclasses.fields(SamplerSettings)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise TypeError(f"sample() got unexpected keyword arguments {unknown}: expected SamplerSettings fields "
+                            f"{sorted(names)} (other modules: Cascade.using; start=StartImages, inpaint=Inpainting)")
+        return {name: v for name, v in {"cond_scale": cond_scale, **settings}.items() if v is not None}
+
+    def _settings(self, k: int, call_wide: dict, stage_overrides) -> SamplerSettings:
+        """Stage settings < call-wide settings < ``stage_overrides[k]``."""
         override = (stage_overrides or {}).get(k, {})
         if isinstance(override, SamplerSettings):
             return override
-        return self.stages[k].sampler.replace(**{**changes, **dict(override)})
+        return self.stages[k].sampler.replace(**{**call_wide, **dict(override)})
 
     def _denoiser(self, k: int, net: nn.Module, settings: SamplerSettings, kwargs: dict):
         """The stage's denoiser with classifier-free guidance and thresholding wrapped around it."""
@@ -351,69 +435,79 @@ class Cascade(nn.Module):
         return guidance.thresholded(den, settings.threshold, settings.threshold_percentile, settings.threshold_max)
 
     def _sample_stage(
-        self, k: int, net: nn.Module, settings: SamplerSettings, cond: dict, prev: Optional[Tensor],
+        self, k: int, settings: SamplerSettings, cond: dict, prev: Optional[Tensor],
         generators: list[torch.Generator], inpaint: Optional[tuple[Tensor, Tensor]], disable_progress: bool,
     ) -> Tensor:
-        """Run stage ``k``; ``prev`` is the previous stage's output in [-1, 1]. Returns [-1, 1] images."""
+        """Run stage ``k`` with its net in eval mode; ``prev`` is the previous stage's output in [-1, 1].
+        Returns [-1, 1] images."""
         st = self.stages[k]
         b = len(generators)
         kwargs = dict(cond)
         if st.net.lowres_cond:
             if prev is None:
-                raise ValueError(f"start_images: stage {k} is a super-resolution stage and needs low-resolution images")
+                raise ValueError(f"start: stage {k} is a super-resolution stage and needs low-resolution images")
             low = resize(prev, st.image_size)
             level = st.lowres_aug.sampling_level(b, settings.lowres_aug_level, self.device, low.dtype)
             kwargs["lowres_img"], kwargs["lowres_noise_cond"] = st.lowres_aug(low, level, generators)
-        den = self._denoiser(k, net, settings, kwargs)
-        sampler_fn = sampling.get_sampler(settings.sampler or st.diffusion.default_sampler)
+        sampler_fn = get_sampler(settings.sampler or st.diffusion.default_sampler)
         sigmas = st.diffusion.sigmas(settings.steps or st.diffusion.default_steps)
         shape = (b, self.channels, st.image_size, st.image_size)
         x = st.diffusion.initial_noise(shape, sigmas, generators, device=self.device, dtype=torch.float32)
         options = {"generator": generators, **settings.options}
-        if inpaint is not None:
-            images = resize(inpaint[0], st.image_size)
-            masks = resize(inpaint[1], st.image_size) > 0.5
+        was_training = st.net.training
+        st.net.eval()
+        try:
+            den = self._denoiser(k, st.net, settings, kwargs)
+            if inpaint is None:
+                return sampler_fn(den, x, sigmas, disable_progress=disable_progress, **options)
+            images, masks = resize(inpaint[0], st.image_size), resize(inpaint[1], st.image_size) > 0.5
             return guidance.inpaint(
                 sampler_fn, den, x, sigmas, images=images, masks=masks, disable_progress=disable_progress, **options
             )
-        return sampler_fn(den, x, sigmas, disable_progress=disable_progress, **options)
+        finally:
+            st.net.train(was_training)
 
     @staticmethod
-    def _per_image(t: Optional[Tensor], prompts: int, per_prompt: int, name: str, device) -> Optional[Tensor]:
+    def _per_image(t: Tensor, prompts: int, per_prompt: int, name: str, device) -> Tensor:
         """Give a per-prompt or per-image tensor one row per image."""
-        if t is None:
-            return None
         t = torch.as_tensor(t).to(device)
         if t.shape[0] == prompts * per_prompt:
             return t
         if t.shape[0] == prompts:
             return t.repeat_interleave(per_prompt, 0)
-        raise ValueError(f"{name}: expected {prompts} (one per prompt) or {prompts * per_prompt} rows, got {t.shape[0]}")
+        raise ValueError(f"{name}: expected {prompts} (one per prompt) or {prompts * per_prompt} rows, got {len(t)}")
 
-    def _inpaint_inputs(self, images, masks, prompts: int, per_prompt: int):
-        if (images is None) != (masks is None):
-            raise ValueError("inpaint_images, inpaint_masks: pass both or neither")
-        if images is None:
-            return None
-        images = self._per_image(images, prompts, per_prompt, "inpaint_images", self.device).float() * 2 - 1
-        masks = torch.as_tensor(masks, device=self.device)
+    def _inpaint_inputs(self, inpaint: Inpainting, prompts: int, per_prompt: int) -> tuple[Tensor, Tensor]:
+        """Images in [-1, 1] and float masks (B, 1, H, W), one row per image."""
+        images = self._per_image(inpaint.images, prompts, per_prompt, "inpaint.images", self.device).float() * 2 - 1
+        masks = torch.as_tensor(inpaint.masks, device=self.device)
         if masks.ndim == 2:
             masks = masks.expand(images.shape[0], *masks.shape)
         if masks.ndim == 3:
             masks = masks[:, None]
-        masks = self._per_image(masks, prompts, per_prompt, "inpaint_masks", self.device).float()
+        masks = self._per_image(masks, prompts, per_prompt, "inpaint.masks", self.device).float()
         return images, masks
+
+    def _prompt_conditioning(self, texts, text_embeds, text_mask, per_prompt: int) -> tuple[int, dict]:
+        """The number of prompts and the nets' text keyword arguments with one row per image."""
+        if not isinstance(per_prompt, int) or per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt: expected a positive int, got {per_prompt!r}")
+        if isinstance(texts, str):
+            texts = [texts]
+        prompts = len(texts) if texts is not None else (text_embeds.shape[0] if text_embeds is not None else 1)
+        embeds, mask = self.condition(prompts, texts, text_embeds, text_mask)
+        if embeds is None:
+            return prompts, {}
+        return prompts, {"text_embeds": embeds.repeat_interleave(per_prompt, 0),
+                         "text_mask": mask.repeat_interleave(per_prompt, 0)}
 
     @torch.no_grad()
     def sample(
         self, texts: Optional[Sequence[str]] = None, *, text_embeds: Optional[Tensor] = None,
         text_mask: Optional[Tensor] = None, num_images_per_prompt: int = 1, cond_scale: Optional[float] = None,
-        seed: Optional[int] = None, stop_at_stage: Optional[int] = None, start_at_stage: int = 0,
-        start_images: Optional[Tensor] = None, inpaint_images: Optional[Tensor] = None,
-        inpaint_masks: Optional[Tensor] = None, return_pil: bool = False, steps: Optional[int] = None,
-        sampler: Optional[str] = None, stage_overrides: Optional[Mapping[int, Union[dict, SamplerSettings]]] = None,
-        disable_progress: bool = False, networks: Optional[Sequence[nn.Module]] = None,
-        text_encoder: Optional[nn.Module] = None,
+        seed: Optional[int] = None, stop_at_stage: Optional[int] = None, return_pil: bool = False,
+        disable_progress: bool = False, stage_overrides: Optional[Mapping[int, Union[dict, SamplerSettings]]] = None,
+        start: Optional[StartImages] = None, inpaint: Optional[Inpainting] = None, **settings: Any,
     ) -> Union[Tensor, list]:
         """Generate images, returned in [0, 1] as (B, C, H, W) (or a list of PIL images with ``return_pil``).
 
@@ -421,45 +515,34 @@ class Cascade(nn.Module):
             texts / text_embeds + text_mask: the prompts (B_p of them); omit both for an unconditional
                 cascade, which then draws ``num_images_per_prompt`` images.
             num_images_per_prompt: images per prompt, default 1; image ``p * n + j`` is prompt ``p``'s ``j``-th.
-            cond_scale, steps, sampler: override every stage's settings; ``stage_overrides`` ({stage: dict of
-                :class:`SamplerSettings` fields, or a SamplerSettings}) overrides a single stage.
+            cond_scale, **settings: :class:`SamplerSettings` fields for every stage (``steps=15``,
+                ``sampler="heun"``, ``threshold="static"``, ...); None (default) keeps each stage's own.
+            stage_overrides: ``{stage: dict of SamplerSettings fields, or a SamplerSettings}`` for single stages,
+                over the call-wide settings.
             seed: image ``i`` draws all its noise from ``torch.Generator().manual_seed(seed + i)``, so it does
                 not depend on the batch it is drawn in; None draws a base seed from torch's global RNG.
-            start_at_stage / start_images: begin at a super-resolution stage from given images in [0, 1]
-                (one per prompt or per image, any size); stop_at_stage: the last stage run (default: last).
-            inpaint_images ([0, 1]) / inpaint_masks (True = keep the pixel): RePaint inpainting at every stage.
-            networks / text_encoder: modules used in place of the stages' own (the Trainer's EMA copies).
+            stop_at_stage: the last stage run (default: the last one).
+            start: :class:`StartImages` to begin at a super-resolution stage from given images (default None).
+            inpaint: :class:`Inpainting` images and masks, RePaint at every stage (default None).
+
+        Other networks or another text encoder (the Trainer's EMA copies): ``cascade.using(...).sample(...)``.
         """
-        first = self._stage_index(start_at_stage, "start_at_stage")
+        first = 0 if start is None else self._stage_index(start.stage, "start.stage")
         last = self._stage_index(stop_at_stage, "stop_at_stage") if stop_at_stage is not None else len(self.stages) - 1
         if last < first:
-            raise ValueError(f"stop_at_stage: expected >= start_at_stage {first}, got {last}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt: expected a positive int, got {num_images_per_prompt!r}")
-        if isinstance(texts, str):
-            texts = [texts]
-        prompts = len(texts) if texts is not None else (text_embeds.shape[0] if text_embeds is not None else 1)
+            raise ValueError(f"stop_at_stage: expected >= the start stage {first}, got {last}")
+        call_wide = self._call_wide(cond_scale, settings)
         n = num_images_per_prompt
-        embeds, mask = self.condition(prompts, texts, text_embeds, text_mask, text_encoder)
-        cond = {} if embeds is None else {
-            "text_embeds": embeds.repeat_interleave(n, 0), "text_mask": mask.repeat_interleave(n, 0)}
+        prompts, cond = self._prompt_conditioning(texts, text_embeds, text_mask, n)
         base = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         generators = [torch.Generator().manual_seed(base + i) for i in range(prompts * n)]
         prev = None
-        if first > 0:
-            if start_images is None:
-                raise ValueError(f"start_images: needed to start at stage {first}")
-            prev = self._per_image(start_images, prompts, n, "start_images", self.device).float() * 2 - 1
-        inpaint = self._inpaint_inputs(inpaint_images, inpaint_masks, prompts, n)
-        nets = list(networks) if networks is not None else [s.net for s in self.stages]
+        if start is not None:
+            prev = self._per_image(start.images, prompts, n, "start.images", self.device).float() * 2 - 1
+        painting = None if inpaint is None else self._inpaint_inputs(inpaint, prompts, n)
         for k in range(first, last + 1):
-            settings = self._settings(k, steps, sampler, cond_scale, stage_overrides)
-            was_training = nets[k].training
-            nets[k].eval()
-            try:
-                prev = self._sample_stage(k, nets[k], settings, cond, prev, generators, inpaint, disable_progress)
-            finally:
-                nets[k].train(was_training)
+            settings_k = self._settings(k, call_wide, stage_overrides)
+            prev = self._sample_stage(k, settings_k, cond, prev, generators, painting, disable_progress)
         images = ((prev.clamp(-1, 1) + 1) / 2).float()
         if return_pil:
             from imagen_lib.images import to_pil
@@ -472,9 +555,12 @@ class Cascade(nn.Module):
     # ----------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: dict, text_encoder: Optional[nn.Module] = None, load_text_encoder: bool = True) -> "Cascade":
+    def from_config(
+        cls, config: dict, text_encoder: Optional[TextEncoder] = None, load_text_encoder: bool = True,
+    ) -> "Cascade":
         """A freshly initialised cascade from :attr:`config` (the text encoder is rebuilt from its source
-        unless ``text_encoder`` is given or ``load_text_encoder`` is False)."""
+        unless ``text_encoder`` is given or ``load_text_encoder`` is False). A process of your own is rebuilt
+        once its class is registered (:func:`imagen_lib.diffusion.register_diffusion`)."""
         from imagen_lib.nn.networks import network_from_config
 
         if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
@@ -496,16 +582,10 @@ class Cascade(nn.Module):
             text_encoder = text_encoder_from_config(config["text_encoder"])
         return cls(stages, text_encoder=text_encoder, cond_drop_prob=config.get("cond_drop_prob", 0.1))
 
-    def stores_text_encoder(self) -> bool:
-        """Whether checkpoints hold the text encoder's weights: yes when it was built locally or is trained,
-        no for a frozen pretrained T5 (it is reloaded by name)."""
-        enc = self.text_encoder
-        return enc is not None and (enc.trainable or "build_tiny" in enc.source)
-
     def save(self, path: Union[str, Path], *, overwrite: bool = False) -> str:
-        """Write the configuration and the current weights as a checkpoint folder (any fsspec URL)."""
-        tensors = {f"stage{k}": s.net.state_dict() for k, s in enumerate(self.stages)}
-        return write_cascade_checkpoint(self, path, tensors=tensors, overwrite=overwrite)
+        """Write the configuration and the current weights as a checkpoint folder (any fsspec URL); an existing
+        one is replaced only with ``overwrite=True``. Returns the path."""
+        return cascade_checkpoint.save_cascade(self, path, overwrite=overwrite)
 
     @classmethod
     def from_checkpoint(
@@ -515,49 +595,6 @@ class Cascade(nn.Module):
         """Rebuild a cascade from a checkpoint alone, with its EMA weights (``use_ema``, default True, when the
         checkpoint has them) or the raw ones; ``load_text_encoder=False`` skips the encoder (precomputed
         embeddings). The cascade is returned in eval mode on ``device`` (default CPU)."""
-        config = ckpt.read_config(path)
-        encoder = None
-        if load_text_encoder and config.get("text_encoder") is not None:
-            encoder = _load_text_encoder(path, config["text_encoder"], use_ema)
-        cascade = cls.from_config(config, text_encoder=encoder, load_text_encoder=False)
-        for k, st in enumerate(cascade.stages):
-            name = f"stage{k}.ema" if use_ema and ckpt.has_file(path, f"stage{k}.ema.safetensors") else f"stage{k}"
-            st.net.load_state_dict(ckpt.read_tensors(path, name))
-        cascade.eval()
-        return cascade.to(device) if device is not None else cascade
-
-
-def _load_text_encoder(path, config: dict, use_ema: bool) -> nn.Module:
-    from imagen_lib.text import text_encoder_from_config
-
-    if not ckpt.has_file(path, "text_encoder"):
-        return text_encoder_from_config(config)
-    local = Path(tempfile.mkdtemp(prefix="imagen_lib_te_"))
-    try:
-        encoder = text_encoder_from_config(config, folder=ckpt.download_folder(path, "text_encoder", local))
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    if use_ema and ckpt.has_file(path, "text_encoder.ema.safetensors"):
-        encoder.model.load_state_dict(ckpt.read_tensors(path, "text_encoder.ema"))
-    return encoder
-
-
-def write_cascade_checkpoint(
-    cascade: Cascade, path, *, tensors: dict, json_files: Optional[dict] = None, overwrite: bool = False,
-    run_id: Optional[str] = None,
-) -> str:
-    """Write ``cascade.config`` with the given weight files, and the text encoder's folder when it is stored."""
-    local = None
-    folders = {}
-    try:
-        if cascade.stores_text_encoder():
-            local = Path(tempfile.mkdtemp(prefix="imagen_lib_te_"))
-            cascade.text_encoder.save_pretrained(local)
-            folders["text_encoder"] = local
-        return ckpt.write_checkpoint(
-            path, config=cascade.config, tensors=tensors, json_files=json_files or {}, folders=folders,
-            overwrite=overwrite, run_id=run_id,
+        return cascade_checkpoint.read_cascade(
+            cls, path, use_ema=use_ema, device=device, load_text_encoder=load_text_encoder
         )
-    finally:
-        if local is not None:
-            shutil.rmtree(local, ignore_errors=True)

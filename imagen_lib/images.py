@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import posixpath
 import textwrap
 from collections.abc import Sequence
 from typing import Union
@@ -145,7 +146,7 @@ def save_png(path: str, image: Image.Image | torch.Tensor, value_range: tuple[fl
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
     fs, fs_path = fsspec.core.url_to_fs(str(path))
-    parent = fs._parent(fs_path)
+    parent = posixpath.dirname(fs_path)  # fsspec paths are '/'-separated on every file system
     if parent:
         fs.makedirs(parent, exist_ok=True)
     with fs.open(fs_path, "wb") as handle:

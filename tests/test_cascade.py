@@ -1,12 +1,18 @@
 """Cascade: training losses per stage, sampling (texts or embeddings, seeds, stages, inpainting, guidance),
-configuration and checkpoints, on a tiny 8 -> 16 px cascade."""
+views with other modules, processes of a user's own, configuration and checkpoints, on a tiny 8 -> 16 px
+cascade."""
+
+import copy
+import math
 
 import pytest
 import torch
 from tiny_cascade import T5_KWARGS, TEXT_DIM, images, tiny_cascade
 
-from imagen_lib.cascade import Cascade, SamplerSettings, Stage, random_crops, resize
+from imagen_lib.cascade import Cascade, Inpainting, SamplerSettings, Stage, StartImages, random_crops, resize
 from imagen_lib.diffusion import ElucidatedDiffusion
+from imagen_lib.diffusion.noise import rand, randn
+from imagen_lib.diffusion.schedules import initial_noise, karras_sigmas
 from imagen_lib.text import T5TextEncoder
 
 
@@ -26,12 +32,53 @@ class Recorder(torch.nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net, self.calls, self.batches, self.kwargs = net, 0, [], {}
+        # the network protocol's members, the wrapped net's
+        self.config, self.channels, self.lowres_cond = net.config, net.channels, net.lowres_cond
+        self.text_embed_dim = net.text_embed_dim
 
     def forward(self, x, noise_cond, **kwargs):
         self.calls += 1
         self.batches.append(x.shape[0])
         self.kwargs = kwargs
         return self.net(x, noise_cond, **kwargs)
+
+
+class LogUniformVE:
+    """A diffusion process of a user's own, in no table: VE noise at log-uniform training levels, the net
+    predicting x0 from the unit-variance input."""
+
+    default_sampler, default_steps = "euler", 3
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 10.0):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    @property
+    def config(self) -> dict:
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+    def denoiser(self, net, **net_kwargs):
+        def denoise(x, sigma):
+            return net(x * (1 + sigma**2).rsqrt().view(-1, 1, 1, 1), sigma.log() / 4, **net_kwargs)
+        return denoise
+
+    def loss(self, net, x0, *, generator=None, **net_kwargs):
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        sigma = (lo + (hi - lo) * rand((x0.shape[0],), generator, x0.device)).exp()
+        x = x0 + sigma.view(-1, 1, 1, 1) * randn(x0.shape, generator, x0.device)
+        return ((self.denoiser(net, **net_kwargs)(x, sigma) - x0) ** 2).mean()
+
+    def sigmas(self, steps=None, device=None):
+        return karras_sigmas(steps or self.default_steps, self.sigma_min, self.sigma_max, device=device)
+
+    def initial_noise(self, shape, sigmas, generator=None, device=None, dtype=torch.float32):
+        return initial_noise(shape, sigmas, generator, device=device, dtype=dtype)
+
+
+class LowNoiseEDM(ElucidatedDiffusion):
+    """A subclass of a library process, as a user writes one to change a default."""
+
+    def __init__(self, **config):
+        super().__init__(**{"P_mean": -1.6, **config})
 
 
 def test_each_stage_loss_trains_only_that_stage(cascade):
@@ -77,7 +124,7 @@ def test_random_crops_cut_the_same_window_from_each_tensor():
         assert torch.equal(cb[row], b[row, :, top:top + 4, left:left + 4])
     many = random_crops([a.repeat(100, 1, 1, 1)], 4, torch.Generator().manual_seed(1))[0]
     corners = {(int(c[0, 0, 0]) % 36) for c in many}  # top-left pixel index within its 6 x 6 image
-    assert corners == {6 * t + l for t in range(3) for l in range(3)}  # every window that fits, none beyond
+    assert corners == {6 * top + left for top in range(3) for left in range(3)}  # every window that fits, none beyond
     assert torch.equal(random_crops([a], 6)[0], a)
 
 
@@ -158,38 +205,40 @@ def test_texts_and_precomputed_embeddings_give_the_same_images(cascade, encoder)
 
 def test_guidance_doubles_the_batch_and_scale_one_does_not(cascade):
     rec = Recorder(cascade.stages[0].net)
-    nets = [rec, cascade.stages[1].net]
-    cascade.sample(["a"], seed=0, stop_at_stage=0, networks=nets, cond_scale=1.0, sampler="euler", steps=3,
-                   disable_progress=True)
+    view = cascade.using(networks=[rec, cascade.stages[1].net])
+    view.sample(["a"], seed=0, stop_at_stage=0, cond_scale=1.0, sampler="euler", steps=3, disable_progress=True)
     assert rec.batches == [1, 1, 1]
     rec.batches.clear()
-    cascade.sample(["a"], seed=0, stop_at_stage=0, networks=nets, cond_scale=4.0, sampler="euler", steps=3,
-                   disable_progress=True)
+    view.sample(["a"], seed=0, stop_at_stage=0, cond_scale=4.0, sampler="euler", steps=3, disable_progress=True)
     assert rec.batches == [2, 2, 2]
 
 
 def test_per_stage_overrides(cascade):
     recs = [Recorder(s.net) for s in cascade.stages]
-    cascade.sample(["a"], seed=0, networks=recs, sampler="euler", steps=4, stage_overrides={1: {"steps": 2}},
-                   disable_progress=True)
+    cascade.using(networks=recs).sample(["a"], seed=0, sampler="euler", steps=4, stage_overrides={1: {"steps": 2}},
+                                        disable_progress=True)
     assert [r.calls for r in recs] == [4, 2]
     with pytest.raises(ValueError, match="unknown field"):
         cascade.sample(["a"], stage_overrides={0: {"stepz": 2}}, disable_progress=True)
+    with pytest.raises(TypeError, match="stepz"):  # call-wide settings are SamplerSettings fields too
+        cascade.sample(["a"], stepz=2, disable_progress=True)
 
 
 def test_start_at_a_super_resolution_stage(cascade):
     low = torch.rand(2, 3, 8, 8)
-    out = cascade.sample(["a", "b"], seed=0, start_at_stage=1, start_images=low, disable_progress=True)
+    out = cascade.sample(["a", "b"], seed=0, start=StartImages(low, stage=1), disable_progress=True)
     assert out.shape == (2, 3, 16, 16)
-    with pytest.raises(ValueError, match="start_images"):
-        cascade.sample(["a"], start_at_stage=1, disable_progress=True)
+    with pytest.raises(ValueError, match="images"):
+        cascade.sample(["a"], start=StartImages(None, stage=1), disable_progress=True)
+    with pytest.raises(ValueError, match="stage"):
+        StartImages(low, stage=0)
 
 
 def test_inpainting_keeps_the_known_pixels(cascade):
     known = torch.rand(1, 3, 16, 16)
     keep = torch.zeros(16, 16, dtype=torch.bool)
     keep[:, :8] = True
-    out = cascade.sample(["a"], seed=0, inpaint_images=known, inpaint_masks=keep, disable_progress=True)
+    out = cascade.sample(["a"], seed=0, inpaint=Inpainting(known, keep), disable_progress=True)
     torch.testing.assert_close(out[..., :8], known[..., :8], atol=1e-5, rtol=0)
     assert not torch.allclose(out[..., 8:], known[..., 8:], atol=1e-2)
 
@@ -231,3 +280,73 @@ def test_config_round_trip_and_checkpoint_gives_identical_samples(cascade):
     assert torch.equal(a, b)
     with pytest.raises(FileExistsError):
         cascade.save("memory://cascade-test/ck")
+
+
+def test_a_process_of_your_own_and_a_subclass_train_and_sample(encoder):
+    base = tiny_cascade(text_encoder=encoder)
+    own, sub = LogUniformVE(), LowNoiseEDM()
+    cascade = Cascade([Stage(base.stages[0].net, own, 8), Stage(base.stages[1].net, sub, 16)], text_encoder=encoder)
+    for k in range(2):
+        loss = cascade(images(2, 16), texts=["a", "b"], stage=k)
+        loss.backward()
+        assert loss.ndim == 0 and torch.isfinite(loss)
+    rec = Recorder(cascade.stages[0].net)
+    out = cascade.using(networks=[rec, cascade.stages[1].net]).sample(["a red circle"], seed=0, steps=2,
+                                                                     disable_progress=True)
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+    assert rec.batches == [2, 2]  # own.default_sampler "euler": one guided (doubled) call per step
+    kinds = [s["diffusion"] for s in cascade.config["stages"]]
+    assert kinds == [{"kind": "LogUniformVE", "config": own.config},
+                     {"kind": "LowNoiseEDM", "config": {**ElucidatedDiffusion().config, "P_mean": -1.6}}]
+
+
+def test_parts_missing_a_protocol_member_are_refused_by_name(cascade):
+    net, process = cascade.stages[0].net, cascade.stages[0].diffusion
+    no_denoiser = type("NoDenoiser", (), {k: v for k, v in vars(LogUniformVE).items() if k != "denoiser"})
+    with pytest.raises(TypeError, match="diffusion: .*NoDenoiser lacks denoiser"):
+        Stage(net, no_denoiser(), 8)
+
+    class NoLowresCond(torch.nn.Module):
+        config, channels, text_embed_dim = {}, 3, TEXT_DIM
+
+        def forward(self, x, noise_cond, **kwargs):
+            return x
+
+    with pytest.raises(TypeError, match="net: .*lacks lowres_cond"):
+        Stage(NoLowresCond(), process, 8)
+    with pytest.raises(TypeError, match="text_encoder: .*lacks embed_dim, trainable, config, save_pretrained"):
+        Cascade(cascade.stages, text_encoder=lambda texts: None)
+    with pytest.raises(ValueError, match="default_sampler 'plms'"):
+        Stage(net, ElucidatedDiffusion(default_sampler="plms"), 8)
+
+
+def test_using_samples_with_the_given_networks_and_leaves_the_original_untouched(cascade, encoder):
+    before = cascade.sample(["a red circle"], seed=2, disable_progress=True)
+    others = [copy.deepcopy(s.net) for s in cascade.stages]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (p for net in others for p in net.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    view = cascade.using(networks=others)
+    assert [s.net for s in view.stages] == others and view.stages[1].diffusion is cascade.stages[1].diffusion
+    assert view.config == cascade.config
+    out = view.sample(["a red circle"], seed=2, disable_progress=True)
+    assert not torch.allclose(out, before)
+    stages = [Stage(n, s.diffusion, s.image_size, s.sampler, s.lowres_aug) for n, s in zip(others, cascade.stages)]
+    assert torch.equal(out, Cascade(stages, text_encoder=encoder).sample(["a red circle"], seed=2,
+                                                                         disable_progress=True))
+    assert all(s.net is net and net is not other for s, net, other in zip(cascade.stages, cascade.nets, others))
+    assert torch.equal(cascade.sample(["a red circle"], seed=2, disable_progress=True), before)
+    seen = []
+
+    def encode(texts):  # any callable encodes prompts in a view
+        seen.append(list(texts))
+        return encoder(texts)
+
+    assert torch.equal(cascade.using(text_encoder=encode).sample(["a red circle"], seed=2, disable_progress=True),
+                       before)
+    assert seen == [["a red circle"]] and cascade.text_encoder is encoder
+    with pytest.raises(ValueError, match="networks: expected 2"):
+        cascade.using(networks=others[:1])
+    with pytest.raises(ValueError, match=r"networks\[0\]"):
+        cascade.using(networks=others[::-1])

@@ -107,3 +107,28 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state, tensors)
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_a_registered_process_of_your_own_round_trips_through_a_checkpoint(monkeypatch):
+    from test_cascade import LogUniformVE, LowNoiseEDM
+    from tiny_cascade import tiny_cascade
+
+    from imagen_lib.cascade import Cascade, Stage
+    from imagen_lib.diffusion import processes, register_diffusion
+
+    monkeypatch.setattr(processes, "DIFFUSIONS", dict(processes.DIFFUSIONS))  # registrations end with the test
+    base = tiny_cascade(text_embed_dim=None)
+    cascade = Cascade([Stage(base.stages[0].net, LogUniformVE(sigma_max=5.0), 8), base.stages[1]])
+    cascade.save("memory://custom-process/ck")
+    with pytest.raises(ValueError, match="register_diffusion"):
+        Cascade.from_checkpoint("memory://custom-process/ck")
+    assert register_diffusion(LogUniformVE) is LogUniformVE
+    loaded = Cascade.from_checkpoint("memory://custom-process/ck")
+    assert type(loaded.stages[0].diffusion) is LogUniformVE and loaded.stages[0].diffusion.sigma_max == 5.0
+    assert loaded.config == cascade.config
+    a = cascade.sample(num_images_per_prompt=2, seed=1, stop_at_stage=0, disable_progress=True)
+    assert torch.equal(a, loaded.sample(num_images_per_prompt=2, seed=1, stop_at_stage=0, disable_progress=True))
+    with pytest.raises(ValueError, match="already names"):
+        register_diffusion(LowNoiseEDM, "ElucidatedDiffusion")
+    register_diffusion(LowNoiseEDM, "edm-low-noise")  # under a name of your choosing
+    assert Stage(base.stages[0].net, LowNoiseEDM(), 8).config["diffusion"]["kind"] == "edm-low-noise"

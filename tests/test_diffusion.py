@@ -9,7 +9,8 @@ import torch
 from test_sampling import mixture_denoiser
 
 from imagen_lib import ElucidatedDiffusion, GaussianDiffusionContinuous, NoiseAugmentation
-from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config, sampling
+from imagen_lib.diffusion import DIFFUSIONS, diffusion_from_config, schedules
+from imagen_lib.diffusion.samplers import SAMPLERS
 
 F64 = torch.float64
 
@@ -85,7 +86,7 @@ def test_networks_receive_the_documented_noise_conditioning_and_kwargs():
     GaussianDiffusionContinuous().denoiser(net, lowres_img="L")(x, sigma)
     assert torch.allclose(seen["noise_cond"], -2 * sigma.log()) and seen["kwargs"] == {"lowres_img": "L"}
     GaussianDiffusionContinuous().loss(net, x, t=torch.tensor([0.0, 0.5]))
-    assert torch.allclose(seen["noise_cond"], sampling.log_snr_cosine(torch.tensor([0.0, 0.5])))
+    assert torch.allclose(seen["noise_cond"], schedules.log_snr_cosine(torch.tensor([0.0, 0.5])))
 
 
 def _gaussian_denoiser(var):
@@ -121,7 +122,7 @@ def test_vp_loss_at_the_optimum_equals_its_analytic_minimum(objective, gamma):
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(5, 1, 128, 128, dtype=F64, generator=gen) * math.sqrt(var)
     losses = proc.loss(vp_optimal_net(objective, _gaussian_denoiser(var)), x0, t=t, generator=gen, reduction="none")
-    log_snr = sampling.log_snr_cosine(t)
+    log_snr = schedules.log_snr_cosine(t)
     a2, s2 = torch.sigmoid(log_snr), torch.sigmoid(-log_snr)
     post = var * s2 / (a2 * var + s2)  # Var(x0 | x_t)
     expected = {"noise": a2 * post / s2, "x_start": post, "v": post / s2}[objective]
@@ -195,7 +196,7 @@ def test_default_grid_and_sampler_draw_the_data(proc, steps):
     grid = proc.sigmas(steps)
     assert grid.shape == (steps + 1,) and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
     x = proc.initial_noise((512, 1, 4, 4), grid, torch.Generator().manual_seed(0), dtype=F64)
-    out = sampling.SAMPLERS[proc.default_sampler](proc.denoiser(net), x, grid)
+    out = SAMPLERS[proc.default_sampler](proc.denoiser(net), x, grid)
     assert out.std().item() == pytest.approx(0.4, rel=0.05)
 
 
@@ -206,7 +207,7 @@ def test_configs_round_trip_through_json():
         rebuilt = type(proc)(**config)
         assert rebuilt.config == proc.config
         assert diffusion_from_config(type(proc).__name__, config).config == proc.config
-        assert proc.default_sampler in sampling.SAMPLERS
+        assert proc.default_sampler in SAMPLERS
     assert set(DIFFUSIONS) == {"GaussianDiffusionContinuous", "ElucidatedDiffusion"}
     assert ElucidatedDiffusion().sigmas(4)[0].item() == pytest.approx(80.0)
     with pytest.raises(ValueError, match="kind"):
@@ -216,7 +217,7 @@ def test_configs_round_trip_through_json():
 @pytest.mark.parametrize("make, match", [
     (lambda: ElucidatedDiffusion(loss_type="l3"), "loss_type"),
     (lambda: ElucidatedDiffusion(sigma_min=1.0, sigma_max=0.5), "sigma_min"),
-    (lambda: ElucidatedDiffusion(default_sampler="plms"), "default_sampler"),
+    (lambda: ElucidatedDiffusion(default_sampler=""), "default_sampler"),  # known names: the Stage checks them
     (lambda: GaussianDiffusionContinuous(noise_schedule="sigmoid"), "noise_schedule"),
     (lambda: GaussianDiffusionContinuous(pred_objective="eps"), "pred_objective"),
     (lambda: GaussianDiffusionContinuous(min_snr_gamma=0.0), "min_snr_gamma"),
@@ -245,7 +246,7 @@ def test_noise_augmentation_levels_and_conditioning():
     images = torch.zeros(3, 1, 64, 64, dtype=F64)
     levels = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
     noised, cond = aug(images, levels, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(cond, sampling.log_snr_cosine(levels))
+    assert torch.allclose(cond, schedules.log_snr_cosine(levels))
     sigma_vp = torch.sigmoid(-cond).sqrt()
     assert torch.allclose(noised.flatten(1).std(1), sigma_vp, rtol=0.05)
     # signal is scaled by alpha: at level 0 the image is kept up to a 1.3 % noise
@@ -261,7 +262,7 @@ def test_noise_augmentation_random_levels_and_seeds():
     gens = [torch.Generator().manual_seed(s) for s in range(4)]
     noised, cond = aug(images, None, generator=gens)
     assert noised.shape == images.shape and cond.shape == (4,)
-    assert (cond >= sampling.log_snr_linear(torch.tensor(0.5))).all()
+    assert (cond >= schedules.log_snr_linear(torch.tensor(0.5))).all()
     single, _ = aug(images[2:3], None, generator=[torch.Generator().manual_seed(2)])
     assert torch.allclose(single[0], noised[2])
     assert NoiseAugmentation(**aug.config).config == aug.config

@@ -25,7 +25,8 @@ from imagen_lib import (
     Trainer,
     Unet,
 )
-from imagen_lib.diffusion.sampling import SAMPLERS, karras_sigmas
+from imagen_lib.diffusion.samplers import SAMPLERS
+from imagen_lib.diffusion.schedules import karras_sigmas
 
 # float32 reproduces these to ~1e-7 on one CPU kind; the tolerance leaves room for another CPU's kernels
 # while catching any change of what is computed (one moves these numbers by 1e-3 or more)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_sampling import mixture_denoiser
 
-from imagen_lib.diffusion import guidance, sampling
+from imagen_lib.diffusion import guidance, samplers
 from imagen_lib.diffusion.guidance import (
     classifier_free_guidance,
     dynamic_threshold,
@@ -14,7 +14,8 @@ from imagen_lib.diffusion.guidance import (
     static_threshold,
     thresholded,
 )
-from imagen_lib.diffusion.sampling import SAMPLERS, initial_noise, karras_sigmas
+from imagen_lib.diffusion.samplers import SAMPLERS
+from imagen_lib.diffusion.schedules import initial_noise, karras_sigmas
 
 
 def doubled_denoiser(cond_offset, uncond_offset, calls):
@@ -165,11 +166,11 @@ def test_inpainting_mask_shapes_and_errors():
     x = initial_noise(images.shape, grid, torch.Generator().manual_seed(0))
     keep = torch.zeros(4, 4, dtype=torch.bool)
     keep[0] = True
-    out = inpaint(sampling.sample_euler, mixture_denoiser, x, grid, images=images, masks=keep)
+    out = inpaint(samplers.sample_euler, mixture_denoiser, x, grid, images=images, masks=keep)
     assert torch.equal(out[:, :, 0], images[:, :, 0])
     with pytest.raises(ValueError, match="masks"):
-        inpaint(sampling.sample_euler, mixture_denoiser, x, grid, images=images, masks=torch.ones(3, 5, 5))
+        inpaint(samplers.sample_euler, mixture_denoiser, x, grid, images=images, masks=torch.ones(3, 5, 5))
     with pytest.raises(ValueError, match="images"):
-        inpaint(sampling.sample_euler, mixture_denoiser, x, grid, images=images[:1], masks=keep)
+        inpaint(samplers.sample_euler, mixture_denoiser, x, grid, images=images[:1], masks=keep)
     with pytest.raises(ValueError, match="resample_times"):
-        inpaint(sampling.sample_euler, mixture_denoiser, x, grid, images=images, masks=keep, resample_times=0)
+        inpaint(samplers.sample_euler, mixture_denoiser, x, grid, images=images, masks=keep, resample_times=0)

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from imagen_lib.diffusion import sampling
-from imagen_lib.diffusion.sampling import SAMPLERS, initial_noise, karras_sigmas, log_snr_sigmas, randn
+from imagen_lib.diffusion import samplers, schedules
+from imagen_lib.diffusion.noise import randn
+from imagen_lib.diffusion.samplers import SAMPLERS
+from imagen_lib.diffusion.schedules import initial_noise, karras_sigmas, log_snr_sigmas
 
 # a 1-D two-mode mixture: weights, means, stds
 WEIGHTS, MEANS, STDS = (0.3, 0.7), (-1.0, 1.0), (0.15, 0.15)
@@ -89,10 +91,10 @@ def test_sampler_convergence_order(name, order):
 def test_ddim_without_noise_is_euler_and_with_full_noise_is_ancestral():
     grid = karras_sigmas(10)
     x = initial_noise((8, 1, 2, 2), grid, torch.Generator().manual_seed(0), dtype=torch.float64)
-    ddim = sampling.sample_ddim(mixture_denoiser, x, grid)
-    assert torch.allclose(ddim, sampling.sample_euler(mixture_denoiser, x, grid), atol=1e-12)
-    anc = sampling.sample_euler_ancestral(mixture_denoiser, x, grid, generator=torch.Generator().manual_seed(1))
-    ddim1 = sampling.sample_ddim(mixture_denoiser, x, grid, eta=1.0, generator=torch.Generator().manual_seed(1))
+    ddim = samplers.sample_ddim(mixture_denoiser, x, grid)
+    assert torch.allclose(ddim, samplers.sample_euler(mixture_denoiser, x, grid), atol=1e-12)
+    anc = samplers.sample_euler_ancestral(mixture_denoiser, x, grid, generator=torch.Generator().manual_seed(1))
+    ddim1 = samplers.sample_ddim(mixture_denoiser, x, grid, eta=1.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(anc, ddim1) and not torch.allclose(anc, ddim)
 
 
@@ -120,9 +122,9 @@ def test_float64_grid_with_float32_images_calls_the_denoiser_in_float32():
 def test_progress_bar_is_shown_only_when_asked(capsys):
     grid = karras_sigmas(3)
     x = torch.randn(1, 1, 2, 2)
-    sampling.sample_dpmpp_2m(gaussian_denoiser(0.25), x, grid, disable_progress=False)
+    samplers.sample_dpmpp_2m(gaussian_denoiser(0.25), x, grid, disable_progress=False)
     assert "dpmpp_2m" in capsys.readouterr().err
-    sampling.sample_dpmpp_2m(gaussian_denoiser(0.25), x, grid)
+    samplers.sample_dpmpp_2m(gaussian_denoiser(0.25), x, grid)
     assert capsys.readouterr().err == ""
 
 
@@ -179,11 +181,11 @@ def test_karras_grid():
 def test_log_snr_schedules_against_their_definitions():
     t = torch.linspace(0, 0.95, 20, dtype=torch.float64)
     alpha2 = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-    assert torch.allclose(torch.sigmoid(sampling.log_snr_cosine(t)), alpha2, atol=1e-12)
+    assert torch.allclose(torch.sigmoid(schedules.log_snr_cosine(t)), alpha2, atol=1e-12)
     # linear schedule: sigma_vp^2 = 1 - exp(-(1e-4 + 10 t^2))
     sigma2 = 1 - torch.exp(-(1e-4 + 10 * t**2))
-    assert torch.allclose(torch.sigmoid(-sampling.log_snr_linear(t)), sigma2, atol=1e-12)
-    assert sampling.log_snr_cosine(torch.tensor(1.0)).item() == sampling.LOG_SNR_MIN
+    assert torch.allclose(torch.sigmoid(-schedules.log_snr_linear(t)), sigma2, atol=1e-12)
+    assert schedules.log_snr_cosine(torch.tensor(1.0)).item() == schedules.LOG_SNR_MIN
     grid = log_snr_sigmas(8, "linear")
     assert grid.shape == (9,) and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
     assert grid[-2].item() == pytest.approx(math.exp(math.log(1e-4) / 2), rel=1e-3)
@@ -194,10 +196,10 @@ def test_log_snr_schedules_against_their_definitions():
 def test_bad_grids_and_inputs_are_rejected():
     x = torch.randn(1, 1, 2, 2)
     with pytest.raises(ValueError, match="sigmas"):
-        sampling.sample_heun(gaussian_denoiser(1.0), x, torch.tensor([1.0, 2.0, 0.0]))
+        samplers.sample_heun(gaussian_denoiser(1.0), x, torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="sigmas"):
-        sampling.sample_euler(gaussian_denoiser(1.0), x, torch.tensor([1.0]))
+        samplers.sample_euler(gaussian_denoiser(1.0), x, torch.tensor([1.0]))
     with pytest.raises(TypeError, match="x"):
-        sampling.sample_ddim(gaussian_denoiser(1.0), torch.ones(1, 2, dtype=torch.long), karras_sigmas(2))
+        samplers.sample_ddim(gaussian_denoiser(1.0), torch.ones(1, 2, dtype=torch.long), karras_sigmas(2))
     with pytest.raises(ValueError, match="sampler"):
-        sampling.get_sampler("plms")
+        samplers.get_sampler("plms")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 from typing import Any, Optional
 
 
@@ -19,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder or fsspec URL (written by imagen-lib train)")
     parser.add_argument("--n", type=int, default=200, help="captions to draw and sample (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the captions and of the sampling (default 0)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps for every stage (default: the checkpoint's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps for every stage (default: the checkpoint's)")
     parser.add_argument("--cond-scale", type=float, default=None, help="guidance scale (default: the checkpoint's)")
     parser.add_argument("--sampler", default=None, help="sampler name (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once (default 32)")
@@ -43,7 +45,7 @@ def evaluate_cascade(
 ) -> tuple[dict, list[str], Any]:
     """Sample ``n`` shapes captions (seed ``seed``) with ``cascade.sample`` and score them.
 
-    ``sample_kwargs`` go to ``cascade.sample`` (``steps``, ``cond_scale``, ``sampler``, ``networks``, ...).
+    ``sample_kwargs`` go to ``cascade.sample`` (``steps``, ``cond_scale``, ``sampler``, ``stop_at_stage``, ...).
     Returns ``(report, texts, images)``: the :func:`~imagen_lib.data.shapes_reader.score_shapes` report with
     the drawn ``attributes`` added, the captions, and the images (n, 3, H, W) in [0, 1].
     """
@@ -80,7 +82,9 @@ def _grid_captions(texts: list[str], report: dict) -> list[str]:
     return captions
 
 
-def write_results(out: str, report: dict, texts: list[str], images: Any, settings: dict, grid: int = 64) -> tuple[str, str]:
+def write_results(
+    out: str, report: dict, texts: list[str], images: Any, settings: dict, grid: int = 64,
+) -> tuple[str, str]:
     """Write ``eval_shapes.json`` and ``eval_shapes.png`` under ``out`` (any fsspec URL); returns their paths."""
     import fsspec
 
@@ -96,7 +100,7 @@ def write_results(out: str, report: dict, texts: list[str], images: Any, setting
                "all_correct_one_shape": report["all_correct_one_shape"], "images": per_image}
     json_path = f"{out.rstrip('/')}/eval_shapes.json"
     fs, path = fsspec.core.url_to_fs(json_path)
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)  # fsspec paths are '/'-separated everywhere
     with fs.open(path, "w") as handle:
         json.dump(summary, handle, indent=1)
     shown = min(grid, len(texts))
@@ -115,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("imagen-lib eval-shapes: --n and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
-    sample_kwargs: dict[str, Optional[Any]] = {"steps": args.steps, "cond_scale": args.cond_scale, "sampler": args.sampler,
-                                               "stop_at_stage": args.stop_at_stage}
+    sample_kwargs: dict[str, Optional[Any]] = {"steps": args.steps, "cond_scale": args.cond_scale,
+                                               "sampler": args.sampler, "stop_at_stage": args.stop_at_stage}
     report, texts, images = evaluate_cascade(cascade, args.n, args.seed, batch_size=args.batch_size, **sample_kwargs)
     checkpoint = str(args.checkpoint).rstrip("/")
     out = args.out or (checkpoint.rsplit("/", 1)[0] + "/eval-shapes" if "/" in checkpoint else "eval-shapes")

@@ -17,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps for every stage (default: the checkpoint's)")
-    parser.add_argument("--cond-scale", type=float, default=None, help="classifier-free guidance scale (default: the checkpoint's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps for every stage (default: the checkpoint's)")
+    parser.add_argument("--cond-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the checkpoint's)")
     parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
@@ -40,13 +42,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def attach_encoder(cascade, args: argparse.Namespace, device) -> None:
-    """Give a checkpoint trained on precomputed embeddings the encoder named by ``--encoder``."""
+def attach_encoder(cascade, args: argparse.Namespace, device):
+    """The cascade, given the encoder named by ``--encoder`` when its checkpoint was trained on precomputed
+    embeddings (:meth:`Cascade.using`)."""
     if args.encoder is None:
         if cascade.text_encoder is None and cascade.text_embed_dim is not None:
             raise SystemExit("imagen-lib sample: this checkpoint holds no text encoder (it was trained on "
                              "precomputed embeddings); pass --encoder with the T5 name or folder they came from")
-        return
+        return cascade
     if cascade.text_encoder is not None:
         raise SystemExit("imagen-lib sample: --encoder given, but the checkpoint already holds its text encoder")
     from imagen_lib.text import T5TextEncoder
@@ -55,7 +58,7 @@ def attach_encoder(cascade, args: argparse.Namespace, device) -> None:
     if encoder.embed_dim != cascade.text_embed_dim:
         raise SystemExit(f"imagen-lib sample: --encoder {args.encoder} gives {encoder.embed_dim}-wide embeddings, "
                          f"the checkpoint's networks expect {cascade.text_embed_dim}")
-    cascade.text_encoder = encoder.eval()
+    return cascade.using(text_encoder=encoder.eval())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("imagen-lib sample: --num-images-per-prompt and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
-    attach_encoder(cascade, args, device)
+    cascade = attach_encoder(cascade, args, device)
     per_call = max(1, args.batch_size // n)  # prompts per call; image index (and its seed) is global
     images = []
     for p0 in range(0, len(prompts), per_call):

@@ -11,8 +11,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from imagen_lib.diffusion import sampling
-from imagen_lib.diffusion.sampling import Denoiser, Generator
+from imagen_lib.diffusion.noise import Generator, randn
+from imagen_lib.protocols import Denoiser
 
 # torch.quantile refuses inputs above 2**24 elements; larger batches are thresholded row by row
 _QUANTILE_MAX = 2**24
@@ -116,7 +116,7 @@ def _known_region_denoiser(denoiser: Denoiser, images: Tensor, keep: Tensor, gen
 
     def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
         s = _batch_sigma(sigma, x).reshape(-1, *([1] * (x.ndim - 1)))
-        noised = images + s * sampling.randn(x.shape, generator, x.device, x.dtype)
+        noised = images + s * randn(x.shape, generator, x.device, x.dtype)
         x = keep * noised + (1 - keep) * x
         return keep * images + (1 - keep) * denoiser(x, sigma)
 
@@ -158,5 +158,5 @@ def inpaint(
                 x = sampler(wrapped, x_start, chunk, generator=generator, **sampler_options)
                 if r < resample_times - 1:  # noise back up from chunk[-1] to chunk[0]
                     up = math.sqrt(float(chunk[0]) ** 2 - float(chunk[-1]) ** 2)
-                    x_start = x + up * sampling.randn(x.shape, generator, x.device, x.dtype)
+                    x_start = x + up * randn(x.shape, generator, x.device, x.dtype)
     return keep * images + (1 - keep) * x

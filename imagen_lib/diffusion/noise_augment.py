@@ -10,8 +10,8 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor
 
-from imagen_lib.diffusion import sampling
-from imagen_lib.diffusion.sampling import Generator
+from imagen_lib.diffusion.noise import Generator, rand, randn
+from imagen_lib.diffusion.schedules import LOG_SNR_SCHEDULES
 
 
 class NoiseAugmentation:
@@ -32,8 +32,8 @@ class NoiseAugmentation:
         self, schedule: Literal["cosine", "linear"] = "cosine", sample_level: float = 0.2,
         max_train_level: float = 1.0,
     ):
-        if schedule not in sampling.LOG_SNR_SCHEDULES:
-            raise ValueError(f"schedule: expected one of {sorted(sampling.LOG_SNR_SCHEDULES)}, got {schedule!r}")
+        if schedule not in LOG_SNR_SCHEDULES:
+            raise ValueError(f"schedule: expected one of {sorted(LOG_SNR_SCHEDULES)}, got {schedule!r}")
         for name, value in (("sample_level", sample_level), ("max_train_level", max_train_level)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: expected a level in [0, 1], got {value}")
@@ -49,11 +49,11 @@ class NoiseAugmentation:
 
     def log_snr(self, level: Tensor) -> Tensor:
         """The conditioning value (log-SNR) of a level in [0, 1]."""
-        return sampling.LOG_SNR_SCHEDULES[self.schedule](level)
+        return LOG_SNR_SCHEDULES[self.schedule](level)
 
     def random_levels(self, batch: int, generator: Generator = None, device=None, dtype=None) -> Tensor:
         """Training levels (B,) drawn from ``U(0, max_train_level)``."""
-        return sampling.rand((batch,), generator, device, dtype) * self.max_train_level
+        return rand((batch,), generator, device, dtype) * self.max_train_level
 
     def __call__(
         self, images: Tensor, level: Union[None, float, Tensor] = None, generator: Generator = None
@@ -74,7 +74,7 @@ class NoiseAugmentation:
         shape = (-1, *([1] * (images.ndim - 1)))
         alpha = torch.sigmoid(log_snr).sqrt().reshape(shape)
         sigma_vp = torch.sigmoid(-log_snr).sqrt().reshape(shape)
-        eps = sampling.randn(images.shape, generator, images.device, images.dtype)
+        eps = randn(images.shape, generator, images.device, images.dtype)
         return alpha * images + sigma_vp * eps, log_snr
 
     def sampling_level(self, batch: int, level: Optional[float] = None, device=None, dtype=None) -> Tensor:

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imagen_lib.diffusion import sampling
-from imagen_lib.diffusion.sampling import Generator
+from imagen_lib.diffusion.noise import Generator, rand, randn
+from imagen_lib.diffusion.schedules import LOG_SNR_SCHEDULES, initial_noise, karras_sigmas, log_snr_sigmas
 
 Net = Callable[..., Tensor]
 LossType = Literal["l1", "l2", "huber"]
@@ -48,7 +48,9 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _check_defaults(default_sampler: str, default_steps: int) -> None:
-    _check_choice("default_sampler", default_sampler, tuple(sampling.SAMPLERS))
+    # the name itself is checked against the samplers by the cascade's Stage: the maths never sees samplers
+    if not isinstance(default_sampler, str) or not default_sampler:
+        raise ValueError(f"default_sampler: expected a sampler name, got {default_sampler!r}")
     if int(default_steps) < 1:
         raise ValueError(f"default_steps: expected a positive number of steps, got {default_steps}")
 
@@ -102,7 +104,7 @@ class ElucidatedDiffusion:
     Args (defaults are the paper's):
         sigma_data: std of the data, 0.5.
         P_mean, P_std: training ``ln(sigma) ~ N(P_mean, P_std^2)``, -1.2 and 1.2.
-        sigma_min, sigma_max, rho: the sampling grid :func:`sampling.karras_sigmas`, 0.002, 80, 7
+        sigma_min, sigma_max, rho: the sampling grid :func:`schedules.karras_sigmas`, 0.002, 80, 7
             (imagen-pytorch suggests ``sigma_max`` 160 for super-resolution stages).
         loss_type: ``"l2"`` (default, the paper's), ``"l1"`` or ``"huber"``; computed on the network's
             output against its effective target ``(x0 - c_skip x) / c_out``, which for l2 equals the paper's
@@ -166,7 +168,7 @@ class ElucidatedDiffusion:
 
     def sample_sigma(self, batch: int, generator: Generator = None, device=None, dtype=None) -> Tensor:
         """Training noise levels (B,): ``exp(P_mean + P_std * n)``, ``n ~ N(0, 1)``."""
-        return (self.P_mean + self.P_std * sampling.randn((batch,), generator, device, dtype)).exp()
+        return (self.P_mean + self.P_std * randn((batch,), generator, device, dtype)).exp()
 
     def loss(
         self, net: Net, x0: Tensor, *, generator: Generator = None, sigma: Optional[Tensor] = None,
@@ -182,7 +184,7 @@ class ElucidatedDiffusion:
         if sigma is None:
             sigma = self.sample_sigma(b, generator, x0.device, x0.dtype)
         sigma = _per_sample(sigma, x0)
-        x = x0 + sigma * sampling.randn(x0.shape, generator, x0.device, x0.dtype)
+        x = x0 + sigma * randn(x0.shape, generator, x0.device, x0.dtype)
         c_skip, c_out, c_in, c_noise = self.precondition(sigma)
         out = net(c_in * x, c_noise.flatten(), **net_kwargs)
         target = (x0 - c_skip * x) / c_out  # what the network should output: c_out^2 lambda = 1
@@ -191,12 +193,12 @@ class ElucidatedDiffusion:
     def sigmas(self, steps: Optional[int] = None, device=None) -> Tensor:
         """The Karras grid with this process's ``sigma_min``, ``sigma_max``, ``rho`` (float64, ends at 0)."""
         steps = self.default_steps if steps is None else steps
-        return sampling.karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho, device=device)
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho, device=device)
 
     def initial_noise(self, shape, sigmas: Tensor, generator: Generator = None, device=None,
                       dtype: torch.dtype = torch.float32) -> Tensor:
         """``sigmas[0] * noise``."""
-        return sampling.initial_noise(shape, sigmas, generator, process="ve", device=device, dtype=dtype)
+        return initial_noise(shape, sigmas, generator, process="ve", device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,13 +214,13 @@ class GaussianDiffusionContinuous:
 
     Args:
         noise_schedule: ``"cosine"`` (default; Imagen's base stage) or ``"linear"`` (Imagen's super-resolution
-            stages); see :func:`sampling.log_snr_cosine` / :func:`sampling.log_snr_linear`.
+            stages); see :func:`schedules.log_snr_cosine` / :func:`schedules.log_snr_linear`.
         pred_objective: ``"noise"`` (default, Imagen), ``"x_start"`` or ``"v"`` (Salimans & Ho 2022).
         loss_type: ``"l2"`` (default), ``"l1"`` or ``"huber"``.
         min_snr_gamma: if set, Min-SNR-gamma loss weighting (Hang et al. 2023, paper value 5); default None.
-        sampling_grid: ``"karras"`` (default): :func:`sampling.karras_sigmas` from ``sigma_max`` down to the
+        sampling_grid: ``"karras"`` (default): :func:`schedules.karras_sigmas` from ``sigma_max`` down to the
             schedule's smallest level (its sigma at ``t = 0``); ``"schedule"``: the schedule itself, uniform in
-            ``t`` (:func:`sampling.log_snr_sigmas`; its first step is huge, so use it with ``dpmpp_2m``,
+            ``t`` (:func:`schedules.log_snr_sigmas`; its first step is huge, so use it with ``dpmpp_2m``,
             ``ddim`` or ``euler_ancestral``, not ``heun``). On a Gaussian test set DPM-Solver++(2M) at 25 steps
             misses the data's std by 2.3 % on the Karras grid, 4.6 % (cosine) and 16-20 % (linear) on the
             schedule's grid, which needs about 100 steps to reach 1.5 %.
@@ -235,7 +237,7 @@ class GaussianDiffusionContinuous:
         min_snr_gamma: Optional[float] = None, sampling_grid: Literal["karras", "schedule"] = "karras",
         sigma_max: float = 80.0, rho: float = 7.0, default_sampler: str = "dpmpp_2m", default_steps: int = 25,
     ):
-        _check_choice("noise_schedule", noise_schedule, tuple(sampling.LOG_SNR_SCHEDULES))
+        _check_choice("noise_schedule", noise_schedule, tuple(LOG_SNR_SCHEDULES))
         _check_choice("pred_objective", pred_objective, ("noise", "x_start", "v"))
         _check_choice("loss_type", loss_type, _LOSS_TYPES)
         if min_snr_gamma is not None and min_snr_gamma <= 0:
@@ -263,11 +265,11 @@ class GaussianDiffusionContinuous:
     def schedule_sigma_min(noise_schedule: str) -> float:
         """The VE sigma of ``noise_schedule`` at ``t = 0`` (cosine 0.0125, linear 0.01)."""
         t0 = torch.zeros((), dtype=torch.float64)
-        return float(torch.exp(-sampling.LOG_SNR_SCHEDULES[noise_schedule](t0) / 2))
+        return float(torch.exp(-LOG_SNR_SCHEDULES[noise_schedule](t0) / 2))
 
     def log_snr(self, t: Tensor) -> Tensor:
         """The schedule's log-SNR at times ``t`` in [0, 1] (clamped to [-20, 20])."""
-        return sampling.LOG_SNR_SCHEDULES[self.noise_schedule](t)
+        return LOG_SNR_SCHEDULES[self.noise_schedule](t)
 
     def to_x0(self, out: Tensor, x_t: Tensor, alpha: Tensor, sigma_vp: Tensor) -> Tensor:
         """The x0 prediction from the network output ``out`` at the VP point ``x_t``."""
@@ -323,7 +325,7 @@ class GaussianDiffusionContinuous:
         _check_x0(x0)
         b = x0.shape[0]
         if t is None:
-            t = sampling.rand((b,), generator, x0.device, x0.dtype)
+            t = rand((b,), generator, x0.device, x0.dtype)
         t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
         if t.ndim == 0:
             t = t.expand(b)
@@ -333,7 +335,7 @@ class GaussianDiffusionContinuous:
         shape = (-1, *([1] * (x0.ndim - 1)))
         alpha = torch.sigmoid(log_snr).sqrt().reshape(shape)
         sigma_vp = torch.sigmoid(-log_snr).sqrt().reshape(shape)
-        eps = sampling.randn(x0.shape, generator, x0.device, x0.dtype)
+        eps = randn(x0.shape, generator, x0.device, x0.dtype)
         out = net(alpha * x0 + sigma_vp * eps, log_snr, **net_kwargs).to(x0.dtype)
         per_sample = _loss(out, self.target(x0, eps, alpha, sigma_vp), self.loss_type) * self.loss_weight(log_snr)
         return _reduce(per_sample, reduction, sample_weight)
@@ -342,24 +344,54 @@ class GaussianDiffusionContinuous:
         """The sampling grid chosen by ``sampling_grid`` as VE sigmas (float64, decreasing, ends at 0)."""
         steps = self.default_steps if steps is None else steps
         if self.sampling_grid == "schedule":
-            return sampling.log_snr_sigmas(steps, self.noise_schedule, device=device)
+            return log_snr_sigmas(steps, self.noise_schedule, device=device)
         sigma_min = self.schedule_sigma_min(self.noise_schedule)
-        return sampling.karras_sigmas(steps, sigma_min, self.sigma_max, self.rho, device=device)
+        return karras_sigmas(steps, sigma_min, self.sigma_max, self.rho, device=device)
 
     def initial_noise(self, shape, sigmas: Tensor, generator: Generator = None, device=None,
                       dtype: torch.dtype = torch.float32) -> Tensor:
         """``sqrt(1 + sigmas[0]^2) * noise``: unit-variance noise in the VP space."""
-        return sampling.initial_noise(shape, sigmas, generator, process="vp", device=device, dtype=dtype)
+        return initial_noise(shape, sigmas, generator, process="vp", device=device, dtype=dtype)
 
 
 DIFFUSIONS: dict[str, type] = {
     "GaussianDiffusionContinuous": GaussianDiffusionContinuous,
     "ElucidatedDiffusion": ElucidatedDiffusion,
 }
+"""The processes a checkpoint can name, by kind; :func:`register_diffusion` adds your own."""
 
 
-def diffusion_from_config(kind: str, config: dict):
-    """Rebuild a process from its class name and ``config`` (an explicit table, no ``globals()``)."""
+def register_diffusion(cls: type, kind: Optional[str] = None) -> type:
+    """Let checkpoints rebuild processes of class ``cls`` (one of your own, or a subclass of a library
+    process) by ``kind``, default its class name; returns ``cls``, so it also works as a class decorator.
+
+    A cascade trains and samples with any object following the diffusion process protocol
+    (:class:`imagen_lib.protocols.DiffusionProcess`) without this; registering is only needed to load it
+    back from a checkpoint, and must happen before :meth:`Cascade.from_checkpoint` runs.
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"cls: expected a class, got {type(cls).__name__}")
+    kind = cls.__name__ if kind is None else kind
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind: expected a non-empty name, got {kind!r}")
+    if DIFFUSIONS.get(kind, cls) is not cls:
+        raise ValueError(f"kind: {kind!r} already names {DIFFUSIONS[kind].__qualname__}; choose another name")
+    DIFFUSIONS[kind] = cls
+    return cls
+
+
+def diffusion_kind(process: Any) -> str:
+    """The kind ``process`` is written under in a checkpoint: the name its exact class is registered by,
+    else its class name."""
+    for kind, cls in DIFFUSIONS.items():
+        if type(process) is cls:
+            return kind
+    return type(process).__name__
+
+
+def diffusion_from_config(kind: str, config: dict) -> Any:
+    """Rebuild a process from its kind and ``config`` (an explicit table, no ``globals()``)."""
     if kind not in DIFFUSIONS:
-        raise ValueError(f"kind: expected one of {sorted(DIFFUSIONS)}, got {kind!r}")
+        raise ValueError(f"kind: expected one of {sorted(DIFFUSIONS)}, got {kind!r}; a process of your own is "
+                         "loaded after imagen_lib.diffusion.register_diffusion(YourClass)")
     return DIFFUSIONS[kind](**config)
