@@ -38,7 +38,8 @@ def stage_choice(value: str):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML or JSON training config (see imagen_lib/config.py)")
+    parser.add_argument("--config", required=True,
+                        help="YAML or JSON training config (see imagen_lib/config/__init__.py)")
     parser.add_argument("--out", required=True, help="output folder: checkpoint/, samples/, tracker logs")
     parser.add_argument("--stage", type=stage_choice, default="all",
                         help="'all' (default; in order, lowest resolution first) or one stage index")

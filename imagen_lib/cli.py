@@ -17,7 +17,8 @@ import imagen_lib
 
 # name -> (module, one-line help); an explicit table, no discovery by name
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("imagen_lib.commands.train", "train a cascade from a YAML/JSON config, write a checkpoint and a sample grid"),
+    "train": ("imagen_lib.commands.train",
+              "train a cascade from a YAML/JSON config, write a checkpoint and a sample grid"),
     "sample": ("imagen_lib.commands.sample", "generate images for prompts from a checkpoint"),
     "eval-shapes": ("imagen_lib.commands.eval_shapes", "score a checkpoint on captions of the shapes data set"),
     "precache": ("imagen_lib.commands.precache", "encode captions once with a T5 and store the embeddings"),

@@ -168,7 +168,7 @@ def test_precache_shards_then_train_without_loading_the_encoder_and_sample_with_
     # afterwards, sampling encodes prompts with the same T5 the captions were precached with
     cascade = Cascade.from_checkpoint(tmp_path / "run" / "checkpoint")
     encoder = T5TextEncoder(encoder_dir, max_length=48)
-    images = cascade.sample(["a red circle"], text_encoder=encoder, seed=0, disable_progress=True)
+    images = cascade.using(text_encoder=encoder).sample(["a red circle"], seed=0, disable_progress=True)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     # the command line does the same with --encoder, and says what is missing without it
     checkpoint, out = str(tmp_path / "run" / "checkpoint"), tmp_path / "cli"

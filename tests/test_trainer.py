@@ -128,7 +128,7 @@ def test_sampling_uses_the_ema_weights_unless_told_otherwise(encoder):
     raw = trainer.sample(["a"], use_ema=False, **kw)
     assert not torch.allclose(ema, raw)
     assert torch.equal(raw, cascade.sample(["a"], **kw))
-    assert torch.equal(ema, cascade.sample(["a"], networks=trainer.ema_networks(), **kw))
+    assert torch.equal(ema, cascade.using(networks=trainer.ema_networks()).sample(["a"], **kw))
     assert trainer.valid_step(0, _batch(size=8)) > 0
 
 

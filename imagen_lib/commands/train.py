@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML or JSON training configuration (see imagen_lib/config.py)")
+    parser.add_argument("config", help="YAML or JSON training configuration (see imagen_lib/config/__init__.py)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. --set stages.0.train.steps=100 (repeatable)")

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from imagen_lib import checkpoint as ckpt
-from imagen_lib.cascade import Cascade, write_cascade_checkpoint
+from imagen_lib.cascade import Cascade
+from imagen_lib.cascade_checkpoint import write_cascade_checkpoint
 
 Batch = Union[Tensor, Mapping[str, Any]]
 _BATCH_KEYS = ("images", "texts", "text_embeds", "text_mask")
@@ -361,11 +362,10 @@ class Trainer:
 
     def sample(self, *args: Any, use_ema: bool = True, **kwargs: Any):
         """:meth:`Cascade.sample` with the EMA networks (``use_ema``, default True) or the raw ones."""
-        if use_ema:
-            kwargs.setdefault("networks", self.ema_networks())
-            if self.text_ema is not None:
-                kwargs.setdefault("text_encoder", self._ema_text_encoder())
-        return self.cascade.sample(*args, **kwargs)
+        if not use_ema:
+            return self.cascade.sample(*args, **kwargs)
+        ema = self.cascade.using(networks=self.ema_networks(), text_encoder=self._ema_text_encoder())
+        return ema.sample(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------
     # the loop
