@@ -8,10 +8,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "imagen_lib"
 MAX_FILE_LINES, MAX_FUNCTION_LINES, MAX_PUBLIC_PARAMETERS = 600, 60, 12
-# being reworked (issue 20); an entry is removed with the change that fixes it, and an entry that no longer
-# breaks its limit fails test_known_breaches_are_still_real, so this list only ever shrinks
-KNOWN_BREACHES = {
-}
 
 
 def _sources() -> dict[str, ast.Module]:
@@ -53,11 +49,6 @@ def _wide_signatures() -> dict[str, int]:
             for name, fn in _functions(tree) if _is_public(name) and len(_parameters(fn)) > MAX_PUBLIC_PARAMETERS}
 
 
-def test_known_breaches_are_still_real():
-    fixed = KNOWN_BREACHES - set(_long_functions()) - set(_wide_signatures())
-    assert not fixed, f"fixed, so remove them from KNOWN_BREACHES: {sorted(fixed)}"
-
-
 def test_no_module_is_too_long():
     long = {}
     for p in sorted(PACKAGE.rglob("*.py")):
@@ -68,10 +59,10 @@ def test_no_module_is_too_long():
 
 
 def test_no_function_is_too_long():
-    long = {key: lines for key, lines in _long_functions().items() if key not in KNOWN_BREACHES}
+    long = _long_functions()
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 def test_no_public_signature_takes_too_many_parameters():
-    wide = {key: n for key, n in _wide_signatures().items() if key not in KNOWN_BREACHES}
+    wide = _wide_signatures()
     assert not wide, f"public callables with more than {MAX_PUBLIC_PARAMETERS} parameters: {wide}"

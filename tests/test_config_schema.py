@@ -255,7 +255,7 @@ def _normalised(block: dict, k: int, text_embed_dim: int) -> dict:
         net = build_network(stage.network, text_embed_dim=text_embed_dim, lowres_cond=k > 0)
     aug = NoiseAugmentation(**stage.lowres_aug) if stage.lowres_aug is not None else NoiseAugmentation() if k else None
     return {
-        "network": {"kind": type(net).__name__, "config": net.config},
+        "network": {"kind": type(net).__name__, "config": net.config.to_dict()},
         "diffusion": {"kind": stage.diffusion.kind,
                       "config": diffusion_from_config(stage.diffusion.kind, stage.diffusion.config).config},
         "image_size": stage.image_size,
