@@ -130,7 +130,8 @@ class NetworkConfig:
         lowres_cond: super-resolution mode (False); stable_attention: attention in float32 (False).
         attention_pos_emb: attention layers see where each image token sits (fixed 2-D sinusoids, in
             fractions of the image side; False, as Imagen). It lets a small net tie "top left" in a caption to
-            a place: the shapes quickstart's base read positions at chance without it (README).
+            a place: the shapes quickstart's base read positions at chance without it
+            (docs/experiments/2026-11-29-s2-position-features.md).
     """
 
     embed_dim: int = 128
