@@ -1,7 +1,8 @@
 """Checked conversion between plain values (YAML, JSON) and the configuration dataclasses.
 
 :func:`from_dict` builds a dataclass from a mapping: the allowed keys are the dataclass's fields, each value
-is checked against the field's type hint, and nested dataclasses, lists and unions convert recursively.
+is checked against the field's type hint (leaf values by beartype), and nested dataclasses, lists and unions
+convert recursively.
 :func:`check_arguments` does the same for the keyword arguments of a class that is configured by its
 constructor (a diffusion process, :class:`~imagen_lib.diffusion.noise_augment.NoiseAugmentation`).
 :func:`to_dict` is the inverse: plain JSON values, so ``from_dict(cls, to_dict(x)) == x``.
@@ -20,6 +21,9 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
+
+from beartype import BeartypeConf
+from beartype.door import is_bearable
 
 from imagen_lib.config import nemo
 
@@ -58,16 +62,18 @@ def describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def _is_scalar(value: Any, hint: Any) -> bool:
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (str, Path):
+# beartype checks leaf values against their hints; the numeric tower lets a YAML ``1`` stand for a float
+_LEAF_CHECK = BeartypeConf(is_pep484_tower=True)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a leaf value (not a container or block) fits ``hint``. YAML's true/false are Python ints, but
+    a config never means a number by them; a path is written as a string."""
+    if isinstance(value, bool) and hint in (int, float):
+        return False
+    if hint is Path:
         return isinstance(value, str)
-    return True  # a hint this schema does not check (e.g. torch.dtype): the constructor checks it
+    return is_bearable(value, hint, conf=_LEAF_CHECK)
 
 
 def check_value(value: Any, hint: Any, where: str) -> Any:
@@ -89,7 +95,7 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
-    if hint is type(None) and value is not None or not _is_scalar(value, hint):
+    if not _fits(value, hint):
         raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}")
     return value
 
