@@ -2,6 +2,8 @@
 stages in their own processes while the first trains here, joins them at a fixed step and writes one
 checkpoint; the result does not depend on timing."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -24,8 +26,11 @@ def _train(tmp_path, name, steps=4, **parallel):
     path.write_text(json.dumps(config))
     out = tmp_path / name
     threads = torch.get_num_threads()
-    assert main(["train", str(path), "--out", str(out), "--no-progress", "--cpu"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["train", str(path), "--out", str(out), "--no-progress", "--cpu"]) == 0
     assert torch.get_num_threads() == threads  # every thread back once the stages joined
+    (out / "printed.txt").write_text(printed.getvalue())
     return out
 
 
@@ -43,6 +48,7 @@ def test_every_stage_is_trained_and_saved_in_one_checkpoint(runs):
     out = runs[0]
     state = json.loads((out / "checkpoint" / "trainer.json").read_text())
     assert state["steps"] == [4, 4] and state["horizons"] == [4, 4]
+    assert "done: 2 stage(s) trained" in (out / "printed.txt").read_text()  # the background stage counts too
     assert not any(p.name.startswith(".stage") for p in out.iterdir())  # the stages' own folders are merged
     from imagen_lib.config import build_cascade
 

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"checkpoint: {result.checkpoint}")
         if result.samples:
             print(f"samples:    {result.samples}")
-        print(f"done: {len(result.stages)} stage(s) trained in {(time.time() - start) / 60:.1f} min; "
+        print(f"done: {len(result.trained)} stage(s) trained in {(time.time() - start) / 60:.1f} min; "
               f"try: imagen-lib sample {result.checkpoint} --prompt \"{prompt}\" --out {out / 'samples'}")
     return 0
 

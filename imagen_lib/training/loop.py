@@ -58,12 +58,14 @@ class RunOptions:
 @dataclass
 class RunResult:
     """What :func:`train_stages` did: the checkpoint, the final sample grid (None: no prompts, or not the main
-    process) and its prompts, each trained stage's :meth:`Trainer.fit` summary, and whether it resumed."""
+    process) and its prompts, the :meth:`Trainer.fit` summary of each stage trained in this process, the
+    indices of every stage trained (``parallel_stages`` ones included), and whether it resumed."""
 
     checkpoint: Path
     samples: Optional[str] = None
     prompts: list[str] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)
+    trained: list[int] = field(default_factory=list)
     resumed: bool = False
 
 
@@ -89,7 +91,7 @@ def train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options:
     todo = _stages_left(trainer, config, options.stages)
     prompts = sample_prompts(config)
     background = _start_background(trainer, config, todo, out, checkpoint if resumed else None, options)
-    result = RunResult(checkpoint, prompts=prompts, resumed=resumed)
+    result = RunResult(checkpoint, prompts=prompts, trained=[k for k, _ in todo], resumed=resumed)
     try:
         for k, steps in todo[:1] if background else todo:
             on_step = background.joiner(trainer) if background else None
