@@ -43,7 +43,7 @@ setup(
             "sentencepiece>=0.1.99",
         ],
     },
-    entry_points={"console_scripts": ["imagen-lib=imagen_lib.cli:main"]},
+    entry_points={"console_scripts": ["imagen-lib=imagen_lib.cli:entry_point"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: MIT License",

@@ -3,12 +3,18 @@
 Each subcommand lives in ``imagen_lib/commands/<name>.py`` and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``. Modules are imported only when their command runs (or its ``--help`` is asked for),
 so ``imagen-lib --help`` is instant and offline, and a missing optional command does not break the others.
+
+The console script is :func:`entry_point`: an error the user can act on (a bad value, a missing or existing
+file; the library's messages name the argument, key or file) is printed as one line with exit status 2.
+``--debug`` anywhere on the command line, or ``IMAGEN_LIB_DEBUG=1``, shows the traceback instead.
+:func:`main` raises them, for callers in Python.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -68,5 +74,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return int(module.run(args) or 0)
 
 
+# what a user can fix from the message alone; anything else keeps its traceback
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def entry_point(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``imagen-lib`` console script: :func:`main`, with user errors as one line and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("IMAGEN_LIB_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        command = f" {argv[0]}" if argv and argv[0] in COMMANDS else ""
+        print(f"imagen-lib{command}: error: {err}\n(--debug or IMAGEN_LIB_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry_point())

@@ -131,3 +131,27 @@ def test_nemo_vocabulary_and_presets_build_the_intended_cascade():
     assert base.sampler.steps == 7 and base.sampler.cond_scale == 4.5
     assert type(sr.net).__name__ == "EfficientUnet" and sr.net.config.embed_dim == 16 and sr.net.lowres_cond
     assert sr.diffusion.pred_objective == "v"
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "imagen_lib.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_a_user_error_is_one_line_and_exit_status_2_and_debug_shows_the_traceback(tmp_path):
+    import os
+
+    config = tiny_config()
+    config["stages"][0]["unet"] = config["stages"][0].pop("network")  # the old vocabulary
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(config))
+    out = _cli("train", path, "--out", tmp_path / "run", "--no-progress", "--cpu")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "imagen-lib train: error: stages.0.unet: unknown key" in out.stderr and "--debug" in out.stderr
+    missing = _cli("train", tmp_path / "nowhere.yaml")
+    assert missing.returncode == 2 and "nowhere.yaml" in missing.stderr and "Traceback" not in missing.stderr
+    debug = _cli("train", path, "--out", tmp_path / "run", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "stages.0.unet" in debug.stderr
+    by_env = _cli("train", path, "--out", tmp_path / "run", env={**os.environ, "IMAGEN_LIB_DEBUG": "1"})
+    assert by_env.returncode == 1 and "Traceback" in by_env.stderr
