@@ -36,8 +36,13 @@ def trained(tmp_path_factory):
     config.write_text(json.dumps(tiny_config(steps=2)))
     out = root / "run"
     assert main(["train", str(config), "--out", str(out), "--set", "stages.1.train.steps=1", "--no-progress",
-                 "--cpu"]) == 0
+                 "--cpu", "--sample-every", "2", "--save-every", "1"]) == 0
     return config, out
+
+
+def test_train_writes_grids_every_sample_every_steps(trained):
+    _, out = trained
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["stage0-000002.png"]
 
 
 def test_train_writes_a_checkpoint_and_a_sample_grid(trained, capsys):

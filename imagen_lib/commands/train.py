@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/checkpoint from another run")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--log-every", type=int, default=50, help="steps between logged losses (default 50)")
+    parser.add_argument("--save-every", type=int, default=None, metavar="N",
+                        help="steps between checkpoints within a stage (default: after each stage only)")
+    parser.add_argument("--sample-every", type=int, default=None, metavar="N",
+                        help="steps between sample grids in OUT/samples/ (default: only the final OUT/samples.png)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -36,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(build_cascade(config), settings=trainer_settings(config), cpu=args.cpu, log_with=log_with,
                       project_dir=out)
     options = RunOptions(stages=args.stages, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
-                         progress=not args.no_progress)
+                         save_every=args.save_every, sample_every=args.sample_every, progress=not args.no_progress)
     try:
         result = train_stages(trainer, config, out, options)
     except (FileExistsError, FileNotFoundError) as err:
