@@ -1,5 +1,6 @@
-"""A cascade's checkpoint folder (the layout is :mod:`imagen_lib.checkpoint`'s): its configuration, each stage's
-weights (raw and EMA) and, when it is built locally or trained, the text encoder's own files.
+"""A cascade's checkpoint (the layout and the commit protocol are :mod:`imagen_lib.checkpoint`'s): its
+configuration, each stage's weights (raw and EMA) and, when it is built locally or trained, the text encoder's
+own files; loads check every file and every weight (:func:`imagen_lib.checkpoint.load_weights`).
 
 :meth:`Cascade.save <imagen_lib.cascade.Cascade.save>` and :meth:`Cascade.from_checkpoint
 <imagen_lib.cascade.Cascade.from_checkpoint>` call these; the Trainer writes its checkpoints with
@@ -9,9 +10,6 @@ so the class to rebuild is passed in.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -29,47 +27,47 @@ def stores_text_encoder(cascade: Any) -> bool:
 
 def write_cascade_checkpoint(
     cascade: Any, path: PathLike, *, tensors: dict, json_files: Optional[dict] = None, overwrite: bool = False,
-    run_id: Optional[str] = None,
+    run_id: Optional[str] = None, keep_last: int = 1, label: Optional[str] = None,
 ) -> str:
-    """Write ``cascade.config`` with the given weight files (``{"stage0": state_dict, ...}``), ``json_files``
-    and the text encoder's folder when it is stored; returns the checkpoint's path (see
-    :func:`imagen_lib.checkpoint.write_checkpoint` for ``overwrite`` and ``run_id``)."""
-    local = None
-    folders = {}
-    try:
-        if stores_text_encoder(cascade):
-            local = Path(tempfile.mkdtemp(prefix="imagen_lib_te_"))
-            cascade.text_encoder.save_pretrained(local)
-            folders["text_encoder"] = local
-        return ckpt.write_checkpoint(
-            path, config=cascade.config, tensors=tensors, json_files=json_files or {}, folders=folders,
-            overwrite=overwrite, run_id=run_id,
-        )
-    finally:
-        if local is not None:
-            shutil.rmtree(local, ignore_errors=True)
+    """Commit ``cascade.config`` with the given weight files (``{"stage0": state_dict, ...}``), ``json_files``
+    and the text encoder's folder when it is stored (written straight into the new version when ``path`` is
+    local) as a new version of the checkpoint at ``path``; returns ``path`` (see
+    :func:`imagen_lib.checkpoint.write_checkpoint` for ``overwrite``, ``run_id``, ``keep_last`` [1] and
+    ``label``)."""
+    folders = {"text_encoder": cascade.text_encoder.save_pretrained} if stores_text_encoder(cascade) else {}
+    return ckpt.write_checkpoint(
+        path, config=cascade.config, tensors=tensors, json_files=json_files or {}, folders=folders,
+        overwrite=overwrite, run_id=run_id, keep_last=keep_last, label=label,
+    )
 
 
-def save_cascade(cascade: Any, path: PathLike, *, overwrite: bool = False) -> str:
-    """Write ``cascade``'s configuration and current stage weights as a checkpoint folder."""
+def save_cascade(cascade: Any, path: PathLike, *, overwrite: bool = False, keep_last: int = 1) -> str:
+    """Write ``cascade``'s configuration and current stage weights as a new version of the checkpoint at
+    ``path``, keeping ``keep_last`` versions [1]."""
     tensors = {f"stage{k}": stage.net.state_dict() for k, stage in enumerate(cascade.stages)}
-    return write_cascade_checkpoint(cascade, path, tensors=tensors, overwrite=overwrite)
+    return write_cascade_checkpoint(cascade, path, tensors=tensors, overwrite=overwrite, keep_last=keep_last)
 
 
 def read_text_encoder(path: PathLike, config: dict, use_ema: bool = True):
     """The text encoder described by ``config``, with the checkpoint's own files when it holds them (and their
-    EMA weights with ``use_ema``), else rebuilt from its source."""
+    EMA weights with ``use_ema``), else rebuilt from its source. A trained or locally built encoder whose files
+    are missing is an error, never a fresh random one."""
     from imagen_lib.text import text_encoder_from_config
 
     if not ckpt.has_file(path, "text_encoder"):
+        source = config.get("source", {}) if isinstance(config, dict) else {}
+        if isinstance(config, dict) and (config.get("trainable") or "build_tiny" in source):
+            how = "trained" if config.get("trainable") else "built locally (build_tiny)"
+            raise FileNotFoundError(
+                f"path: checkpoint {path!s} has no text_encoder/ folder, but its config.json says the text encoder "
+                f"was {how}, so its weights live only there; restore the folder, or pass load_text_encoder=False "
+                "and sample with precomputed embeddings")
         return text_encoder_from_config(config)
-    local = Path(tempfile.mkdtemp(prefix="imagen_lib_te_"))
-    try:
-        encoder = text_encoder_from_config(config, folder=ckpt.download_folder(path, "text_encoder", local))
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+    with ckpt.local_folder(path, "text_encoder") as folder:
+        encoder = text_encoder_from_config(config, folder=folder)
     if use_ema and ckpt.has_file(path, "text_encoder.ema.safetensors"):
-        encoder.model.load_state_dict(ckpt.read_tensors(path, "text_encoder.ema"))
+        ckpt.load_weights(encoder.model, ckpt.read_tensors(path, "text_encoder.ema"),
+                          f"text_encoder.ema.safetensors in {path}")
     return encoder
 
 
@@ -78,8 +76,10 @@ def read_cascade(
     load_text_encoder: bool = True,
 ):
     """Rebuild a cascade of ``cascade_class`` (:class:`~imagen_lib.cascade.Cascade`) from the checkpoint at
-    ``path``: EMA weights where it has them and ``use_ema`` (default True), else the raw ones; the text encoder
-    unless ``load_text_encoder`` is False. Returned in eval mode on ``device`` (default CPU)."""
+    ``path`` (its committed version, read once): EMA weights where it has them and ``use_ema`` (default True),
+    else the raw ones; the text encoder unless ``load_text_encoder`` is False. Returned in eval mode on
+    ``device`` (default CPU)."""
+    path = ckpt.resolve(path)  # one version throughout, even if a save commits another meanwhile
     config = ckpt.read_config(path)
     encoder = None
     if load_text_encoder and config.get("text_encoder") is not None:
@@ -87,6 +87,6 @@ def read_cascade(
     cascade = cascade_class.from_config(config, text_encoder=encoder, load_text_encoder=False)
     for k, stage in enumerate(cascade.stages):
         name = f"stage{k}.ema" if use_ema and ckpt.has_file(path, f"stage{k}.ema.safetensors") else f"stage{k}"
-        stage.net.load_state_dict(ckpt.read_tensors(path, name))
+        ckpt.load_weights(stage.net, ckpt.read_tensors(path, name), f"{name}.safetensors in {path}")
     cascade.eval()
     return cascade.to(device) if device is not None else cascade

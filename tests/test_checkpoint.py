@@ -1,5 +1,7 @@
 """Checkpoint folders through fsspec: round trips, no pickles, no silent overwrite, no half checkpoints."""
 
+import json
+import os
 import random
 
 import fsspec
@@ -23,7 +25,11 @@ def test_memory_round_trip_holds_only_json_and_safetensors():
     assert ckpt.read_config(path) == {"value": 2.0}
     state = ckpt.read_tensors(path, "stage0")
     assert torch.equal(state["w"], torch.full((2, 3), 2.0)) and torch.equal(state["b"], torch.arange(3))
-    names = fsspec.filesystem("memory").ls("/ckpt-test/round", detail=False)
+    fs = fsspec.filesystem("memory")
+    top = sorted(n.rsplit("/", 1)[1] for n in fs.ls("/ckpt-test/round", detail=False))
+    version = json.loads(fs.cat_file("/ckpt-test/round/latest"))["version"]
+    assert top == ["latest", version]  # one committed version and its pointer
+    names = fs.ls(f"/ckpt-test/round/{version}", detail=False)
     assert sorted(n.rsplit("/", 1)[1] for n in names) == ["config.json", "stage0.safetensors", "trainer.json"]
 
 
@@ -53,22 +59,24 @@ def test_never_overwrites_a_foreign_checkpoint(tmp_path):
 def test_a_failed_write_leaves_the_old_checkpoint_and_no_debris(tmp_path, monkeypatch):
     path = tmp_path / "ck"
     _write(path, 1.0, run_id="r", owner="r")
-    fs = fsspec.filesystem("file")
-    real = type(fs).pipe_file
+    real = os.fsync
     calls = []
 
-    def failing(self, name, *args, **kwargs):
-        calls.append(name)
+    def failing(fd):  # locally every written file is fsync-ed: the second one fails
+        calls.append(fd)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real(self, name, *args, **kwargs)
+        return real(fd)
 
-    monkeypatch.setattr(type(fs), "pipe_file", failing)
+    monkeypatch.setattr(os, "fsync", failing)
     with pytest.raises(OSError, match="disk full"):
         _write(path, 2.0, run_id="r", owner="r")
     monkeypatch.undo()
     assert ckpt.read_config(path) == {"value": 1.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    _write(path, 3.0, run_id="r", owner="r")  # the next save removes what the failed one left
+    assert ckpt.read_config(path) == {"value": 3.0}
+    assert sorted(p.name for p in path.iterdir()) == ["latest", ckpt.resolve(path).rsplit("/", 1)[1]]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -86,8 +94,6 @@ def test_optimizer_state_splits_into_tensors_and_json():
     opt.step()
     tensors = {}
     plain = ckpt.split_state(opt.state_dict(), "opt", tensors)
-    import json
-
     plain = json.loads(json.dumps(plain))  # it really is plain JSON
     restored = ckpt.join_state(plain, tensors)
     fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=5.0)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -75,8 +76,15 @@ def train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options:
 
     ``options`` (a :class:`RunOptions`; keyword arguments override its fields) say which stages, whether to
     resume, and how often to log, sample and save. Call it on every process. See the module's docstring for
-    the rules on data order, resuming and noise.
+    the rules on data order, resuming and noise. The main process holds ``out`` (a local folder) with a
+    :class:`~imagen_lib.checkpoint.RunLock` throughout, so a second run on it refuses to start.
     """
+    with ckpt.RunLock(out, trainer.run_id) if trainer.is_main_process else contextlib.nullcontext():
+        return _train_stages(trainer, config, out, options, **option_overrides)
+
+
+def _train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options: Optional[RunOptions] = None,
+                  **option_overrides) -> RunResult:
     options = dataclasses.replace(options or RunOptions(), **option_overrides)
     out = Path(out)
     checkpoint = out / "checkpoint"
