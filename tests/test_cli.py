@@ -4,6 +4,7 @@ config, the sample command's file layout, --set overrides and config errors."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from tiny_cascade import tiny_config
 
+from imagen_lib.checkpoint import resolve
 from imagen_lib.cli import COMMANDS, main
 from imagen_lib.config import apply_overrides, build_cascade, from_nemo, load_config
 
@@ -47,11 +49,12 @@ def test_train_writes_grids_every_sample_every_steps(trained):
 
 def test_train_writes_a_checkpoint_and_a_sample_grid(trained, capsys):
     config, out = trained
-    assert (out / "checkpoint" / "config.json").exists()
-    assert (out / "checkpoint" / "stage1.ema.safetensors").exists()
+    committed = Path(resolve(out / "checkpoint"))  # the version the checkpoint's pointer names
+    assert (committed / "config.json").exists()
+    assert (committed / "stage1.ema.safetensors").exists()
     assert Image.open(out / "samples.png").size[0] > 16
     assert load_config(out / "config.yaml")["stages"][1]["train"]["steps"] == 1  # the override is recorded
-    trainer_state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    trainer_state = json.loads((committed / "trainer.json").read_text())
     assert trainer_state["steps"] == [2, 1]
     with pytest.raises(SystemExit, match="--resume"):
         main(["train", str(config), "--out", str(out), "--no-progress"])

@@ -4,6 +4,7 @@ and the Trainer's handling of data sets that split themselves across processes."
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from imagen_lib.checkpoint import resolve
 from imagen_lib.cli import main
 from imagen_lib.config import build_cascade, build_dataset
 from imagen_lib.data.shapes import ShapesDataset
@@ -81,7 +83,7 @@ def train(tmp_path, cfg: dict, capsys) -> str:
 
 
 def trained_steps(tmp_path) -> list:
-    return json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())["steps"]
+    return json.loads((Path(resolve(tmp_path / "run" / "checkpoint")) / "trainer.json").read_text())["steps"]
 
 
 @pytest.fixture
@@ -106,7 +108,7 @@ def test_folder_config_trains_through_the_command_and_writes_a_checkpoint(folder
     out = train(tmp_path, config({"type": "folder", "root": str(folder), "crop": "random", "flip": True}), capsys)
     assert "stage 0: 2 steps" in out
     assert trained_steps(tmp_path) == [2]
-    assert (tmp_path / "run" / "checkpoint" / "stage0.ema.safetensors").is_file()
+    assert (Path(resolve(tmp_path / "run" / "checkpoint")) / "stage0.ema.safetensors").is_file()
     assert (tmp_path / "run" / "samples.png").is_file()
 
 
@@ -144,7 +146,7 @@ def test_precache_folder_then_train_without_loading_the_encoder(
                  encoder=False, prompts=())
     out = train(tmp_path, cfg, capsys)
     assert "stage 0: 2 steps" in out and trained_steps(tmp_path) == [2]
-    saved = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    saved = json.loads((Path(resolve(tmp_path / "run" / "checkpoint")) / "config.json").read_text())
     assert saved["text_encoder"] is None
     assert saved["stages"][0]["network"]["config"]["text_embed_dim"] == 32  # read from the store
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from imagen_lib.checkpoint import resolve
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 TINY = EXAMPLES / "tiny.yaml"
@@ -73,7 +75,7 @@ def test_train_with_two_processes_writes_one_checkpoint(trained):
     assert "process 1/2: done" in log and "process 2/2: done" in log  # both ranks ran, as a pair, and finished
     assert sorted(p.name for p in trained.iterdir()) == [  # no stray tmp folders
         "checkpoint", "config.yaml", "log.txt", "samples", "samples.png"]
-    checkpoint = trained / "checkpoint"
+    checkpoint = Path(resolve(trained / "checkpoint"))  # the committed version
     assert sorted(p.name for p in checkpoint.iterdir() if p.is_file()) == [
         "config.json", "stage0.ema.safetensors", "stage0.safetensors", "stage1.ema.safetensors", "stage1.safetensors",
         "trainer.json", "trainer.safetensors"]
@@ -96,7 +98,7 @@ def test_train_resumes_from_its_checkpoint(trained, tmp_path):
                 "--sample-every", "0", *FAST, "--set", "stages.0.train.steps=3"], cwd=tmp_path)
     assert "resumed from" in done.stdout and "at steps [2, 2]" in done.stdout
     assert "stage 0: 1 steps" in done.stdout  # only the missing step is trained
-    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["steps"] == [3, 2]
+    assert json.loads((Path(resolve(out / "checkpoint")) / "trainer.json").read_text())["steps"] == [3, 2]
 
 
 def test_finetune_changes_only_its_stage_and_never_the_original(trained, tmp_path):
@@ -108,9 +110,9 @@ def test_finetune_changes_only_its_stage_and_never_the_original(trained, tmp_pat
     run([sys.executable, EXAMPLES / "finetune.py", "--checkpoint", original, "--stage", "0", "--out", out,
          "--steps", "2", "--batch-size", "4", "--new-color-share", "1", "--no-progress"], cwd=tmp_path)
     assert file_hashes(original) == before  # not a byte of the original changed
-    after = file_hashes(out)
+    after, committed = file_hashes(Path(resolve(out))), file_hashes(Path(resolve(original)))
     for name in ("stage1.safetensors", "stage1.ema.safetensors", "config.json", "text_encoder/model.safetensors"):
-        assert after[name] == before[name], name
+        assert after[name] == committed[name], name
     for use_ema in (True, False):
         old = Cascade.from_checkpoint(original, use_ema=use_ema)
         new = Cascade.from_checkpoint(out, use_ema=use_ema)
@@ -181,7 +183,7 @@ def test_notebook_runs_at_tiny_settings(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(shown) == 6  # data preview, samples, guidance, thresholding, samplers, inpainting
-    assert (tmp_path / "runs" / "quickstart" / "checkpoint" / "config.json").is_file()
+    assert (Path(resolve(tmp_path / "runs" / "quickstart" / "checkpoint")) / "config.json").is_file()
 
 
 def test_train_script_data_option_reads_a_folder_with_the_configs_folder_options(tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from imagen_lib.checkpoint import resolve
+
 SCRIPT = r'''
 import sys
 import torch
@@ -59,6 +61,7 @@ def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
         assert torch.equal(a[name], b[name]), name
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert folders == ["checkpoint"]  # one checkpoint, no temporary or stale copies
-    saved = load_file(tmp_path / "checkpoint" / "stage1.safetensors")
+    committed = Path(resolve(tmp_path / "checkpoint"))
+    saved = load_file(committed / "stage1.safetensors")
     assert all(torch.equal(saved[k], a[f"net.nets.1.{k}"]) for k in saved)
-    assert json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())["steps"] == [2, 1]
+    assert json.loads((committed / "trainer.json").read_text())["steps"] == [2, 1]

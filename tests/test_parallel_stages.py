@@ -5,6 +5,7 @@ checkpoint; the result does not depend on timing."""
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def _train(tmp_path, name, steps=4, **parallel):
 
 
 def _weights(out, name):
-    return load_file(str(out / "checkpoint" / f"{name}.safetensors"))
+    return load_file(str(Path(ckpt.resolve(out / "checkpoint")) / f"{name}.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def runs(tmp_path_factory):
 
 def test_every_stage_is_trained_and_saved_in_one_checkpoint(runs):
     out = runs[0]
-    state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    state = json.loads((Path(ckpt.resolve(out / "checkpoint")) / "trainer.json").read_text())
     assert state["steps"] == [4, 4] and state["horizons"] == [4, 4]
     assert "done: 2 stage(s) trained" in (out / "printed.txt").read_text()  # the background stage counts too
     assert not any(p.name.startswith(".stage") for p in out.iterdir())  # the stages' own folders are merged

@@ -3,12 +3,14 @@ seeded ``seed + stage``; a run stopped half-way and resumed ends bit for bit whe
 (its data order continues where it stopped, across an epoch boundary); resuming asks for a checkpoint."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_cascade import tiny_config
 
+from imagen_lib.checkpoint import resolve
 from imagen_lib.config import build_cascade, trainer_settings
 from imagen_lib.training.loop import RunOptions, stage_loader, train_stages
 from imagen_lib.training.trainer import Trainer
@@ -44,9 +46,9 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
     second = _run(_config(14), half, resume=True)  # a new trainer: 7 more steps of stage 0, then stage 1
     assert second.resumed and [r["steps"] for r in second.stages] == [7, 14]
     for name in ("stage0", "stage0.ema", "stage1", "stage1.ema"):
-        a, b = (load_file(str(out / "checkpoint" / f"{name}.safetensors")) for out in (whole, half))
+        a, b = (load_file(str(Path(resolve(out / "checkpoint")) / f"{name}.safetensors")) for out in (whole, half))
         assert all(torch.equal(a[key], b[key]) for key in a), name
-    assert json.loads((half / "checkpoint" / "trainer.json").read_text())["steps"] == [14, 14]
+    assert json.loads((Path(resolve(half / "checkpoint")) / "trainer.json").read_text())["steps"] == [14, 14]
     assert (half / "samples.png").exists() and (half / "config.yaml").exists()
 
 

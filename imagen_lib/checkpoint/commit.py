@@ -162,7 +162,9 @@ def write_checkpoint(
         label: put in the version's name (letters, digits, ``.``, ``_``, ``-``), e.g. ``"step-000120-000040"``.
     """
     keep_last = check_int("keep_last", keep_last, low=1)
-    if label is not None and (not isinstance(label, str) or not _LABEL.match(label)):
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label: expected a string or None, got {type(label).__name__}")
+    if label is not None and not _LABEL.match(label):
         raise ValueError(f"label: expected letters, digits, '.', '_' or '-' (at most 100), got {label!r}")
     sweep_staging_folders()
     store = open_store(path)

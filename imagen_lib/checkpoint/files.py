@@ -170,7 +170,7 @@ def load_weights(module: torch.nn.Module, tensors: Mapping[str, Tensor], where: 
     try:
         module.load_state_dict(tensors)
     except RuntimeError as error:  # missing or unexpected keys, shapes
-        raise ValueError(f"{where} does not fit the network: {error}") from None
+        raise ValueError(f"{where} does not fit the network: {' '.join(str(error).split())}") from None
     return module
 
 
