@@ -388,11 +388,7 @@ class Trainer:
         if (sample_every or save_every) and out_dir is None:
             raise ValueError("out_dir: needed to write samples or checkpoints")
         state = self.stages[k]
-        if start_batch is None:
-            order = DataOrder(self._prepare_loader(dataloader), state.data)
-        else:
-            start = start_position(dataloader, check_int("start_batch", start_batch, low=0))
-            order = DataOrder(self._prepare_loader(dataloader), start)
+        order = self._data_order(dataloader, state, start_batch)
         if state.horizon is None:
             state.horizon = state.step + steps
         self.start_trackers()
@@ -418,6 +414,13 @@ class Trainer:
                 break
         bar.close()
         return {"stage": k, "steps": steps, "loss": mean, "seconds": time.time() - start_time}
+
+    def _data_order(self, dataloader: Iterable, state: StageState, start_batch: Optional[int]) -> DataOrder:
+        """``fit``'s batches: from ``start_batch`` batches in, or (None) from the stage's recorded position."""
+        if start_batch is None:
+            return DataOrder(self._prepare_loader(dataloader), state.data)
+        start = start_position(dataloader, check_int("start_batch", start_batch, low=0))
+        return DataOrder(self._prepare_loader(dataloader), start)
 
     def _after_step(self, k, done, on_step, sample_every, sample_prompts, save_every, out_dir, sample_seed) -> None:
         """``fit``'s callback, sample grid and checkpoint after its ``done``-th step."""
