@@ -122,7 +122,8 @@ def train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options:
             result.stages.append(train_stage(trainer, config, k, steps, out, options, prompts, on_step))
             if background:
                 background.join(trainer)
-            trainer.save(checkpoint, overwrite=options.overwrite)
+            if not trainer.is_saved(checkpoint):  # unless save_every just wrote this state
+                trainer.save(checkpoint, overwrite=options.overwrite)
     finally:
         if background:
             background.stop()

@@ -46,11 +46,11 @@ def is_finite(accelerator, loss: Tensor, grad_norm: Optional[Tensor]) -> bool:
 
 
 def stop_message(stage: int, step: int, count: int, checkpoint: Optional[str]) -> str:
-    last = (f"the last good checkpoint is {checkpoint}" if checkpoint
+    then = (f"the last good checkpoint is {checkpoint}: resume from it once fixed" if checkpoint
             else "no checkpoint was written by this run yet")
     return (f"stage {stage}, step {step}: {count} steps in a row had a non-finite loss or gradient and were "
-            f"skipped (max_nonfinite_steps); training stopped; {last}. Check the data for NaN or infinite "
-            "values and lower trainer.lr, then resume from that checkpoint")
+            f"skipped (trainer.max_nonfinite_steps), so training stopped; look for NaN or infinite values in "
+            f"the data, or lower trainer.lr; {then}")
 
 
 def check_finite_weights(files: Mapping[str, Mapping[str, Tensor]], path: str,

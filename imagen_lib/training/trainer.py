@@ -130,6 +130,7 @@ class Trainer:
         self.scaler = self._make_scaler()
         self.run_id = uuid.uuid4().hex
         self.last_checkpoint: Optional[str] = None
+        self._saved_state: Optional[tuple] = None  # (path, positions) of what last_checkpoint holds
         self.progress_line: Optional[int] = None
         self._trackers_started = False
         self._setup_modules(lrs)
@@ -309,7 +310,7 @@ class Trainer:
         state.skipped_in_a_row += 1
         warnings.warn(f"stage {k}, step {state.step}: the loss ({float(loss):g}) or a gradient is not finite; the "
                       f"step is skipped ({state.skipped_in_a_row} in a row, {state.skipped} in all)",
-                      nonfinite.NonFiniteStepWarning, stacklevel=3)
+                      nonfinite.NonFiniteStepWarning, stacklevel=4)  # train_step's caller
         self.accelerator.log({f"stage{k}/nonfinite_steps": state.skipped}, step=state.step)
         if state.skipped_in_a_row >= self.settings.max_nonfinite_steps:
             raise NonFiniteLossError(nonfinite.stop_message(k, state.step, state.skipped_in_a_row,
@@ -483,8 +484,20 @@ class Trainer:
             write_cascade_checkpoint(self.cascade, path, tensors=files, json_files={"trainer": state},
                                      overwrite=overwrite, run_id=self.run_id, **self._version_options())
         self.accelerator.wait_for_everyone()  # entered by every process
-        self.last_checkpoint = str(path)
+        self._mark_saved(path)
         return str(path)
+
+    def _mark_saved(self, path: Union[str, Path]) -> None:
+        self.last_checkpoint = str(path)
+        self._saved_state = (str(path), self._positions())
+
+    def _positions(self) -> list:
+        return [(st.step, st.data.batches, st.skipped) for st in self.stages]
+
+    def is_saved(self, path: Union[str, Path]) -> bool:
+        """Whether the checkpoint at ``path`` was last written (or loaded) by this trainer and it has not
+        stepped since (no step taken or skipped in any stage)."""
+        return self._saved_state == (str(path), self._positions())
 
     def _version_options(self) -> dict:
         """``keep_last`` and ``label`` for a checkpoint writer that keeps versions (passed when it takes them)."""
@@ -517,7 +530,7 @@ class Trainer:
         if state.get("scaler") and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.run_id = state["run_id"]
-        self.last_checkpoint = str(path)
+        self._mark_saved(path)
         ckpt.set_rng_state(state["rng"], {k: v.cpu() for k, v in tensors.items()})
         if self.accelerator.process_index > 0:  # one saved stream, but each process needs its own noise
             torch.manual_seed(int(torch.randint(0, 2**62, ())) + self.accelerator.process_index)
