@@ -472,14 +472,15 @@ class Trainer:
         versions are kept where the checkpoint writer keeps versions. Weights holding NaN or infinite values are
         never written (:class:`NonFiniteLossError`), so the last good checkpoint stays.
         """
+        files = {f"stage{k}": st.net.state_dict() for k, st in enumerate(self.cascade.stages)}
+        files.update({f"stage{k}.ema": st.ema.ema_model.state_dict() for k, st in enumerate(self.stages)})
+        if self.text_ema is not None:
+            files["text_encoder"] = self.cascade.text_encoder.model.state_dict()
+            files["text_encoder.ema"] = self.text_ema.ema_model.state_dict()
+        # on every process (their weights are equal), so all of them raise together
+        nonfinite.check_finite_weights(files, str(path), self.last_checkpoint)
         if self.is_main_process:
             tensors, state = trainer_state.trainer_state(self)
-            files = {f"stage{k}": st.net.state_dict() for k, st in enumerate(self.cascade.stages)}
-            files.update({f"stage{k}.ema": st.ema.ema_model.state_dict() for k, st in enumerate(self.stages)})
-            if self.text_ema is not None:
-                files["text_encoder"] = self.cascade.text_encoder.model.state_dict()
-                files["text_encoder.ema"] = self.text_ema.ema_model.state_dict()
-            nonfinite.check_finite_weights(files, str(path), self.last_checkpoint)
             files["trainer"] = tensors
             write_cascade_checkpoint(self.cascade, path, tensors=files, json_files={"trainer": state},
                                      overwrite=overwrite, run_id=self.run_id, **self._version_options())
