@@ -52,8 +52,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=50, help="steps between logged losses (default 50)")
     parser.add_argument("--sample-every", type=int, default=500,
                         help="steps between sample grids (default 500; 0: never)")
-    parser.add_argument("--save-every", type=int, default=1000,
-                        help="steps between checkpoints (default 1000; 0: only after each stage)")
+    parser.add_argument("--save-every", type=int, default=None,
+                        help="steps between checkpoints (default: the config's trainer.save_every, else 1000; "
+                             "0: only after each stage)")
+    parser.add_argument("--keep-last", type=int, default=None,
+                        help="checkpoint versions kept (default: the config's trainer.keep_last, 2)")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue a run with the config's (new) step counts, recomputing each stage's "
+                             "learning-rate schedule (without it, other steps than the checkpoint's are an error)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 
@@ -90,9 +96,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     config = with_data(cfg.apply_overrides(cfg.load_config(args.config), args.overrides), args.data)
     trainer = make_trainer(config, out, args.log_with)
+    save_every = args.save_every
+    if save_every is None:  # the config's trainer.save_every, else every 1000 steps
+        save_every = trainer.settings.save_every or 1000
     options = RunOptions(stages=None if args.stage == "all" else [args.stage], resume=None,  # resume when OUT has one
-                         log_every=args.log_every, sample_every=args.sample_every or None,
-                         save_every=args.save_every or None, progress=not args.no_progress)
+                         log_every=args.log_every, sample_every=args.sample_every or None, save_every=save_every,
+                         keep_last=args.keep_last, extend=args.extend, progress=not args.no_progress)
     result = train_stages(trainer, config, out, options)  # tensorboard logs: OUT/imagen_lib/
     if result.samples:
         print(f"samples: {result.samples}")

@@ -95,7 +95,7 @@ def test_train_resumes_from_its_checkpoint(trained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained / "checkpoint", out / "checkpoint")
     done = run([sys.executable, EXAMPLES / "train.py", "--config", TINY, "--out", out, "--stage", "0",
-                "--sample-every", "0", *FAST, "--set", "stages.0.train.steps=3"], cwd=tmp_path)
+                "--sample-every", "0", *FAST, "--set", "stages.0.train.steps=3", "--extend"], cwd=tmp_path)
     assert "resumed from" in done.stdout and "at steps [2, 2]" in done.stdout
     assert "stage 0: 1 steps" in done.stdout  # only the missing step is trained
     assert json.loads((Path(resolve(out / "checkpoint")) / "trainer.json").read_text())["steps"] == [3, 2]

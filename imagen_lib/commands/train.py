@@ -22,7 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--log-every", type=int, default=50, help="steps between logged losses (default 50)")
     parser.add_argument("--save-every", type=int, default=None, metavar="N",
-                        help="steps between checkpoints within a stage (default: after each stage only)")
+                        help="steps between checkpoints within a stage (default: the config's trainer.save_every, "
+                             "else after each stage only; 0: after each stage only)")
+    parser.add_argument("--keep-last", type=int, default=None, metavar="N",
+                        help="checkpoint versions kept (default: the config's trainer.keep_last, 2)")
+    parser.add_argument("--extend", action="store_true",
+                        help="with --resume: train to the config's (new) step counts, recomputing each stage's "
+                             "learning-rate schedule (without it, other steps than the checkpoint's are an error)")
     parser.add_argument("--sample-every", type=int, default=None, metavar="N",
                         help="steps between sample grids in OUT/samples/ (default: only the final OUT/samples.png)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -40,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(build_cascade(config), settings=trainer_settings(config), cpu=args.cpu, log_with=log_with,
                       project_dir=out)
     options = RunOptions(stages=args.stages, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
-                         save_every=args.save_every, sample_every=args.sample_every, progress=not args.no_progress)
+                         save_every=args.save_every, keep_last=args.keep_last, extend=args.extend,
+                         sample_every=args.sample_every, progress=not args.no_progress)
     try:
         result = train_stages(trainer, config, out, options)
     except (FileExistsError, FileNotFoundError) as err:

@@ -18,7 +18,7 @@ from imagen_lib.config.convert import ConfigError, check_arguments, check_value,
 from imagen_lib.diffusion import DIFFUSIONS
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.nn import presets
-from imagen_lib.training.trainer import TrainerSettings
+from imagen_lib.training.settings import TrainerSettings
 
 
 def _at_least(name: str, value: Optional[int], low: int, what: str = "an int") -> None:
@@ -257,7 +257,7 @@ class RunConfig:
         text_encoder: a :class:`TextEncoderConfig`, default None (precomputed embeddings or no text).
         stages: the :class:`StageConfig` blocks, lowest resolution first.
         data: :class:`ShapesData` (default), :class:`FolderData` or :class:`ShardsData`, by ``type``.
-        trainer: :class:`~imagen_lib.training.trainer.TrainerSettings` fields.
+        trainer: :class:`~imagen_lib.training.settings.TrainerSettings` fields (checked by name).
         sample: a :class:`SampleConfig`.
         parallel_stages: a :class:`ParallelConfig` (``true``: its defaults), default None (stages in turn).
     """

@@ -5,12 +5,13 @@ importing the Trainer does not import the configuration layer."""
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from imagen_lib.training.nonfinite import NonFiniteLossError
 from imagen_lib.training.trainer import StageState, Trainer, TrainerSettings
 
 _LAZY = {"train_stages": "imagen_lib.training.loop", "RunOptions": "imagen_lib.training.loop",
          "RunResult": "imagen_lib.training.loop", "BackgroundStages": "imagen_lib.training.parallel"}
 
-__all__ = ["StageState", "Trainer", "TrainerSettings", *_LAZY]
+__all__ = ["NonFiniteLossError", "StageState", "Trainer", "TrainerSettings", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -4,9 +4,14 @@
 - Stages: the ones asked for (default all, lowest resolution first), each for the steps its config gives
   (``stages.K.train.steps``) less those it has taken.
 - Data order: stage k's DataLoader shuffles with a generator seeded ``seed + k`` (the config's ``seed``).
-- Resuming: from ``OUT/checkpoint``; every stage continues at its step count and its data order where it
-  stopped (the batches already taken are skipped by index), so a resumed run sees the batches an
-  uninterrupted one would.
+- Before the first step: every stage to train has its data checked (at least one batch of its batch size).
+- Resuming: from ``OUT/checkpoint``; every stage continues at its step count and its data position where it
+  stopped (epoch and batch, steps skipped for a non-finite loss included; see
+  :mod:`imagen_lib.training.data_order`), so a resumed run sees the batches an uninterrupted one would.
+  A stage whose configured steps differ from the checkpoint's cosine horizon is an error unless the run is
+  extended (``RunOptions.extend``: the horizon becomes the configured steps).
+- Checkpoints: after each stage, and every ``save_every`` steps (the option, else ``trainer.save_every``),
+  keeping ``keep_last`` versions (the option, else ``trainer.keep_last``).
 - Training noise: the main process keeps the stream the cascade's construction left (seeded by the config);
   other processes re-seed with ``seed + process index``, so their noise differs while their weights agree.
 - Output: ``OUT/config.yaml``, a checkpoint after each stage, a final grid of the sample prompts in
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ import torch
 from imagen_lib import checkpoint as ckpt
 from imagen_lib import config as cfg
 from imagen_lib.training.trainer import Trainer
+from imagen_lib.validation import check_int, check_seed
 
 
 @dataclass
@@ -43,7 +50,11 @@ class RunOptions:
         overwrite: replace a checkpoint another run wrote in ``OUT`` [False].
         log_every: steps between logged losses [50].
         sample_every: steps between sample grids in ``OUT/samples/`` [None: only the final grid].
-        save_every: steps between checkpoints within a stage [None: after each stage only].
+        save_every: steps between checkpoints within a stage [None: the config's ``trainer.save_every``;
+            0: after each stage only].
+        keep_last: checkpoint versions kept [None: the config's ``trainer.keep_last``].
+        extend: resume a run with other step counts than it was started with: each resumed stage's cosine
+            horizon becomes its configured steps (without it, a difference is an error) [False].
         progress: show progress bars [True].
     """
 
@@ -53,7 +64,15 @@ class RunOptions:
     log_every: int = 50
     sample_every: Optional[int] = None
     save_every: Optional[int] = None
+    keep_last: Optional[int] = None
+    extend: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        self.log_every = check_int("log_every", self.log_every, low=1)
+        self.sample_every = check_int("sample_every", self.sample_every, low=0, optional=True)
+        self.save_every = check_int("save_every", self.save_every, low=0, optional=True)
+        self.keep_last = check_int("keep_last", self.keep_last, low=1, optional=True)
 
 
 @dataclass
@@ -89,6 +108,8 @@ def _train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options
     out = Path(out)
     checkpoint = out / "checkpoint"
     _seed_other_processes(trainer, _seed(config))
+    if options.keep_last is not None:
+        trainer.settings = dataclasses.replace(trainer.settings, keep_last=options.keep_last)
     resumed = _open_checkpoint(trainer, checkpoint, options)
     if trainer.is_main_process:
         import yaml
@@ -97,6 +118,8 @@ def _train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options
         (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     trainer.start_trackers(config)
     todo = _stages_left(trainer, config, options.stages)
+    check_horizons(trainer, config, [k for k, _ in todo], options.extend)
+    check_stage_data(config, [k for k, _ in todo])
     prompts = sample_prompts(config)
     background = _start_background(trainer, config, todo, out, checkpoint if resumed else None, options)
     result = RunResult(checkpoint, prompts=prompts, trained=[k for k, _ in todo], resumed=resumed)
@@ -106,7 +129,8 @@ def _train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options
             result.stages.append(train_stage(trainer, config, k, steps, out, options, prompts, on_step))
             if background:
                 background.join(trainer)
-            trainer.save(checkpoint, overwrite=options.overwrite)
+            if not trainer.is_saved(checkpoint):  # unless save_every just wrote this state
+                trainer.save(checkpoint, overwrite=options.overwrite)
     finally:
         if background:
             background.stop()
@@ -122,21 +146,17 @@ def _train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options
 def train_stage(trainer: Trainer, config: dict, stage: int, steps: int, out: Union[str, Path],
                 options: RunOptions, prompts: Sequence[str] = (), on_step: Optional[Callable[[int], None]] = None,
                 progress_line: Optional[int] = None) -> dict:
-    """Train ``stage`` for ``steps`` more steps on its configured data, from where its data order stopped
-    (``trainer.steps[stage]`` batches in); prints and returns :meth:`Trainer.fit`'s summary.
+    """Train ``stage`` for ``steps`` more steps on its configured data, from the stage's recorded data
+    position (``trainer.stages[stage].data``); prints and returns :meth:`Trainer.fit`'s summary.
 
     ``progress_line``: the line of the progress bar (one per process training a stage at the same time).
     """
-    from torch.utils.data import IterableDataset
-
     loader = stage_loader(config, stage)
-    # an iterable data set (shards) cannot skip by index: it restarts its own order when a run resumes
-    start = 0 if isinstance(loader.dataset, IterableDataset) else trainer.steps[stage]
     trainer.progress_line = progress_line
     result = trainer.fit(loader, stage, steps, log_every=options.log_every, sample_every=options.sample_every,
                          sample_prompts=prompts, out_dir=out, save_every=options.save_every,
                          sample_seed=cfg.sample_settings(config)["seed"], disable_progress=not options.progress,
-                         on_step=on_step, start_batch=start)
+                         on_step=on_step, start_batch=None)
     if trainer.is_main_process:
         print(f"stage {stage}: {result['steps']} steps in {result['seconds']:.0f}s, final loss {result['loss']:.4f}",
               flush=True)
@@ -175,7 +195,58 @@ def sample_prompts(config: dict) -> list[str]:
 
 
 def _seed(config: dict) -> int:
-    return int(config.get("seed") or 0)
+    return check_seed("seed", config.get("seed") or 0)
+
+
+def check_horizons(trainer: Trainer, config: dict, stages: Sequence[int], extend: bool) -> None:
+    """Each of ``stages`` (resumed) must decay its learning rate over the steps the config gives it: a
+    checkpoint's cosine horizon that differs is an error, unless ``extend``, which sets it to the config's."""
+    for k in stages:
+        state = trainer.stages[k]
+        wanted = trainer.settings.total_steps or cfg.stage_training(config, k)["steps"]
+        if state.horizon is None or state.horizon == wanted:
+            continue
+        if not extend:
+            raise ValueError(
+                f"stages.{k}.train.steps: the checkpoint's stage {k} decays its learning rate over {state.horizon} "
+                f"steps, this config over {wanted}; to continue the run with {wanted} steps pass --extend "
+                f"(RunOptions(extend=True)), which recomputes the schedule from step {state.step} on; or set "
+                f"stages.{k}.train.steps={state.horizon} to finish it as started")
+        state.horizon = wanted
+        if trainer.is_main_process:
+            print(f"stage {k}: extended, its learning rate now decays over {wanted} steps", flush=True)
+
+
+def check_stage_data(config: dict, stages: Sequence[int]) -> None:
+    """Each of ``stages`` has data for at least one batch of its batch size (checked before anything trains,
+    so a bad later stage does not cost the earlier ones). Leaves every random state as it found it."""
+    from torch.utils.data import IterableDataset
+
+    with _random_state_kept():
+        for k in stages:
+            batch_size = cfg.stage_training(config, k)["batch_size"]
+            loader = stage_loader(config, k)
+            if isinstance(loader.dataset, IterableDataset):
+                if next(iter(loader), None) is None:
+                    raise ValueError(f"stages.{k}.train.batch_size: the data (the config's data block) yields no "
+                                     f"full batch of {batch_size} for stage {k}; lower it or give more data")
+            elif len(loader.dataset) < batch_size:
+                raise ValueError(f"stages.{k}.train.batch_size: {batch_size} is more than the {len(loader.dataset)} "
+                                 f"items of the data set (the config's data block); lower it or give more data")
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """torch's, numpy's and Python's global random states restored afterwards."""
+    import numpy as np
+
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def _seed_other_processes(trainer: Trainer, seed: int) -> None:
@@ -239,9 +310,10 @@ def _train_stage_in_process(*, stage: int, part: str, position: int, config: dic
     trainer = Trainer(cfg.build_cascade(config), settings=cfg.trainer_settings(config), cpu=True)
     if resume_from:
         trainer.load(resume_from)
+        check_horizons(trainer, config, [stage], options.extend)
     torch.manual_seed(_seed(config) + 1000 * stage + trainer.steps[stage])  # its own noise, fixed by the config
     start = time.time()
-    own = dataclasses.replace(options, sample_every=None, save_every=None)  # the main process writes those
+    own = dataclasses.replace(options, sample_every=None, save_every=0)  # the main process writes those
     train_stage(trainer, config, stage, steps, out, own, progress_line=position)
     trainer.save(Path(part) / "checkpoint", overwrite=True)
     print(f"stage {stage}: in its own process with {torch.get_num_threads()} thread(s), "

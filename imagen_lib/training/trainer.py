@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
+import inspect
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,77 +34,18 @@ from tqdm.auto import tqdm
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.cascade import Cascade
 from imagen_lib.cascade_checkpoint import write_cascade_checkpoint
+from imagen_lib.training import nonfinite, trainer_state
+from imagen_lib.training.data_order import DataOrder, DataPosition, start_position
+from imagen_lib.training.nonfinite import NonFiniteLossError
+from imagen_lib.training.settings import TrainerSettings, lr_factor
+from imagen_lib.validation import check_int, check_seed
+
+__all__ = ["Trainer", "StageState", "TrainerSettings", "lr_factor", "NonFiniteLossError", "DataPosition",
+           "flatten_config"]
 
 Batch = Union[Tensor, Mapping[str, Any]]
 _BATCH_KEYS = ("images", "texts", "text_embeds", "text_mask")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainerSettings:
-    """Optimisation settings (defaults in brackets; Imagen's values where the paper gives them).
-
-    Attributes:
-        lr: peak learning rate, one value or one per stage [1e-4, Imagen's].
-        betas, eps, weight_decay: AdamW's [(0.9, 0.99), 1e-8, 0.0].
-        warmup_steps: linear warm-up from 0 [0; Imagen: 10,000].
-        total_steps: cosine decay horizon per stage; None [default]: :meth:`Trainer.fit` uses its ``steps``,
-            and a stage trained only through ``train_step`` keeps the peak rate after warm-up.
-        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` [0.1].
-        max_grad_norm: gradient clipping norm, None to disable [1.0].
-        ema_beta, ema_update_after_step, ema_update_every, ema_power: ema-pytorch's EMA [0.9999, 100, 10,
-            2/3]; the decay warms up as ``1 - (1 + step) ** -ema_power`` capped at ``ema_beta``.
-        max_batch_size: split larger batches into chunks of at most this many examples [None: no split].
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (with loss scaling) ["no"].
-        text_encoder_lr: learning rate of a trainable text encoder [None: the stage's ``lr``].
-        fused_optimizer: AdamW's fused implementation (the same update in one kernel over all parameters
-            instead of many small ones; ~7% of a CPU step of a 1 M-parameter net) [True].
-    """
-
-    lr: Union[float, Sequence[float]] = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    total_steps: Optional[int] = None
-    min_lr_ratio: float = 0.1
-    max_grad_norm: Optional[float] = 1.0
-    ema_beta: float = 0.9999
-    ema_update_after_step: int = 100
-    ema_update_every: int = 10
-    ema_power: float = 2 / 3
-    max_batch_size: Optional[int] = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    text_encoder_lr: Optional[float] = None
-    fused_optimizer: bool = True
-
-    def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if self.max_batch_size is not None and int(self.max_batch_size) < 1:
-            raise ValueError(f"max_batch_size: expected None or a positive int, got {self.max_batch_size}")
-        if int(self.warmup_steps) < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"warmup_steps, min_lr_ratio: expected >= 0 and in [0, 1], got {self.warmup_steps}, "
-                             f"{self.min_lr_ratio}")
-        self.betas = tuple(float(b) for b in self.betas)
-
-    @property
-    def config(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["lr"] = list(self.lr) if isinstance(self.lr, Sequence) else self.lr
-        out["betas"] = list(self.betas)
-        return out
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: Optional[int], min_lr_ratio: float) -> float:
-    """Multiplier of the peak rate at optimizer step ``step`` (0-based): linear warm-up, then cosine decay
-    from 1 to ``min_lr_ratio`` at ``total_steps`` (constant 1 after warm-up when ``total_steps`` is None)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if total_steps is None or total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _slice_batch(batch: dict, start: int, stop: int) -> dict:
@@ -122,6 +64,9 @@ class StageState:
         lr: the peak learning rate.
         step: optimizer steps taken so far [0].
         horizon: the step at which the cosine decay ends [None: set by the first :meth:`Trainer.fit`].
+        data: where :meth:`Trainer.fit` is in the stage's data order (batches of skipped steps included).
+        skipped: steps skipped for a non-finite loss or gradient, in all [0] ...
+        skipped_in_a_row: ... and since the last step taken [0].
     """
 
     wrapper: nn.Module
@@ -130,6 +75,9 @@ class StageState:
     lr: float
     step: int = 0
     horizon: Optional[int] = None
+    data: DataPosition = field(default_factory=DataPosition)
+    skipped: int = 0
+    skipped_in_a_row: int = 0
 
 
 class Trainer:
@@ -149,9 +97,11 @@ class Trainer:
             They start at the first :meth:`fit` or :meth:`start_trackers`.
         ddp_find_unused_parameters: passed to DistributedDataParallel [False].
 
-    Each stage's network wrapper, optimizer, EMA, step count, horizon and peak rate are in :attr:`stages`
-    (one :class:`StageState` per stage). :attr:`progress_line` places :meth:`fit`'s progress bar on a line of
-    the terminal (one line per process training a stage at the same time) [None: tqdm's choice].
+    Each stage's network wrapper, optimizer, EMA, step count, horizon, peak rate, data position and count of
+    skipped non-finite steps are in :attr:`stages` (one :class:`StageState` per stage). :attr:`last_checkpoint`
+    is the checkpoint this trainer last wrote or loaded (None: none yet). :attr:`progress_line` places
+    :meth:`fit`'s progress bar on a line of the terminal (one line per process training a stage at the same
+    time) [None: tqdm's choice].
     """
 
     def __init__(
@@ -179,6 +129,8 @@ class Trainer:
         self.accelerator = accelerator or self._make_accelerator(cpu, log_with, project_dir, ddp_find_unused_parameters)
         self.scaler = self._make_scaler()
         self.run_id = uuid.uuid4().hex
+        self.last_checkpoint: Optional[str] = None
+        self._saved_state: Optional[tuple] = None  # (path, positions) of what last_checkpoint holds
         self.progress_line: Optional[int] = None
         self._trackers_started = False
         self._setup_modules(lrs)
@@ -318,17 +270,27 @@ class Trainer:
                     loss = self.cascade(**chunk, stage=k, net=state.wrapper, text_encoder=self.text_wrapper)
                 acc.backward(loss * share if self.scaler is None else self.scaler.scale(loss * share))
             total += loss.detach().float() * share
-        self._optimizer_step(state)
+        self._optimizer_step(k, state, total)
         return float(total)
 
-    def _optimizer_step(self, state: StageState) -> None:
+    def _optimizer_step(self, k: int, state: StageState, loss: Tensor) -> None:
+        """Clip, check (the non-finite guard) and step; a non-finite loss or gradient skips the step."""
         opt = state.optimizer
         self._set_lr(state)
+        if self.scaler is not None and not nonfinite.is_finite(self.accelerator, loss, None):
+            return self._skip_step(k, state, loss)  # before the scaler sees these gradients
+        params = [p for group in opt.param_groups for p in group["params"]]
+        norm = None
         if self.settings.max_grad_norm is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-            params = [p for group in opt.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+        elif self.scaler is None:
+            norm = nonfinite.total_grad_norm(params)
+        # with fp16 the scaler skips overflowed gradients itself; without it, a non-finite norm skips here
+        if self.scaler is None and not nonfinite.is_finite(self.accelerator, loss, norm):
+            return self._skip_step(k, state, loss)
+        state.skipped_in_a_row = 0
         if self.scaler is None:
             opt.step()
         else:  # skips the step when a gradient overflowed, and adapts the scale
@@ -339,6 +301,20 @@ class Trainer:
         state.ema.update()
         if self.text_ema is not None:
             self.text_ema.update()
+
+    def _skip_step(self, k: int, state: StageState, loss: Tensor) -> None:
+        """The non-finite guard's skip: gradients dropped, nothing else touched; counted, warned and logged;
+        after ``max_nonfinite_steps`` in a row, :class:`NonFiniteLossError`."""
+        state.optimizer.zero_grad(set_to_none=True)
+        state.skipped += 1
+        state.skipped_in_a_row += 1
+        warnings.warn(f"stage {k}, step {state.step}: the loss ({float(loss):g}) or a gradient is not finite; the "
+                      f"step is skipped ({state.skipped_in_a_row} in a row, {state.skipped} in all)",
+                      nonfinite.NonFiniteStepWarning, stacklevel=4)  # train_step's caller
+        self.accelerator.log({f"stage{k}/nonfinite_steps": state.skipped}, step=state.step)
+        if state.skipped_in_a_row >= self.settings.max_nonfinite_steps:
+            raise NonFiniteLossError(nonfinite.stop_message(k, state.step, state.skipped_in_a_row,
+                                                            self.last_checkpoint))
 
     @torch.no_grad()
     def valid_step(self, stage: int, batch: Batch, use_ema: bool = True) -> float:
@@ -384,51 +360,79 @@ class Trainer:
         self, dataloader: Iterable, stage: int, steps: int, *, log_every: int = 50, sample_every: Optional[int] = None,
         sample_prompts: Optional[Sequence[str]] = None, out_dir: Union[None, str, Path] = None,
         save_every: Optional[int] = None, sample_seed: int = 0, disable_progress: bool = False,
-        on_step: Optional[Callable[[int], None]] = None, start_batch: int = 0,
+        on_step: Optional[Callable[[int], None]] = None, start_batch: Optional[int] = 0,
     ) -> dict:
         """Train ``stage`` for ``steps`` optimizer steps on batches from ``dataloader`` (re-iterated as needed).
 
         Logs the mean loss every ``log_every`` steps through the Accelerate trackers; every ``sample_every``
         steps writes a captioned grid of ``sample_prompts`` to ``out_dir/samples/stage{k}-{step}.png`` and every
-        ``save_every`` steps a checkpoint to ``out_dir/checkpoint`` (main process only). The cosine horizon of
-        the stage is ``steps`` unless ``total_steps`` was set; the progress bar sits on line
-        :attr:`progress_line`. ``on_step`` is called after every step with the stage's step count.
-        ``start_batch``: the position in the loader's order to start from (batches an earlier run already
-        took; default 0): whole epochs and batches are skipped by index, without loading data, and a
-        DataLoader's generator advances as those epochs advanced it, so a resumed run sees the batches an
+        ``save_every`` steps (None: ``TrainerSettings.save_every``; 0: never) a checkpoint to
+        ``out_dir/checkpoint`` (main process only). The cosine horizon of the stage is ``steps`` unless
+        ``total_steps`` was set; the progress bar sits on line :attr:`progress_line`. ``on_step`` is called after
+        every step with the stage's step count. A step skipped for a non-finite loss or gradient (see
+        :mod:`imagen_lib.training.nonfinite`) takes its batch but does not count towards ``steps``.
+
+        ``start_batch``: where in the loader's order to start: a number of batches an earlier run already took
+        (default 0; a DataLoader over a map-style data set: whole epochs and batches are skipped by index,
+        without loading data, and its generator advances as those epochs advanced it), or None: the stage's
+        recorded position (``stages[stage].data``, restored by :meth:`load`; see
+        :mod:`imagen_lib.training.data_order` for iterable data sets), so a resumed run sees the batches an
         uninterrupted one would. Returns ``{"stage", "steps", "loss", "seconds"}``.
         """
         k = self._index(stage)
-        if int(steps) < 1:
-            raise ValueError(f"steps: expected a positive number of steps, got {steps}")
+        steps = check_int("steps", steps, low=1)
+        log_every = check_int("log_every", log_every, low=1)
+        sample_every = check_int("sample_every", sample_every, low=0, optional=True)
+        save_every = check_int("save_every", save_every, low=0, optional=True)
+        save_every = self.settings.save_every if save_every is None else save_every
+        sample_seed = check_seed("sample_seed", sample_seed)
         if (sample_every or save_every) and out_dir is None:
             raise ValueError("out_dir: needed to write samples or checkpoints")
         state = self.stages[k]
+        order = self._data_order(dataloader, state, start_batch)
         if state.horizon is None:
-            state.horizon = state.step + int(steps)
+            state.horizon = state.step + steps
         self.start_trackers()
-        bar = tqdm(total=int(steps), desc=f"stage {k}", disable=disable_progress or not self.is_main_process,
+        bar = tqdm(total=steps, desc=f"stage {k}", disable=disable_progress or not self.is_main_process,
                    position=self.progress_line)
-        start, window, mean = time.time(), [], float("nan")
-        for i, batch in zip(range(int(steps)), _forever(self._prepare_loader(dataloader), int(start_batch))):
+        start_time, window, mean, done = time.time(), [], float("nan"), 0
+        for batch in order:
+            before = state.step
             window.append(self.train_step(k, batch))
-            step = i + 1
-            if step % log_every == 0 or step == int(steps):
+            state.data = order.position
+            if state.step == before:  # skipped: non-finite loss or gradient
+                continue
+            done += 1
+            if done % log_every == 0 or done == steps:
                 mean = self._reduced_mean(window)
                 window = []
                 self.accelerator.log({f"stage{k}/loss": mean, f"stage{k}/lr": state.optimizer.param_groups[0]["lr"]},
                                      step=state.step)
                 bar.set_postfix(loss=f"{mean:.4f}")
             bar.update(1)
-            if on_step is not None:
-                on_step(state.step)
-            if sample_every and step % sample_every == 0 and sample_prompts:
-                self.write_samples(Path(out_dir) / "samples" / f"stage{k}-{state.step:06d}.png", sample_prompts,
-                                   stop_at_stage=k, seed=sample_seed)
-            if save_every and step % save_every == 0:
-                self.save(Path(out_dir) / "checkpoint")
+            self._after_step(k, done, on_step, sample_every, sample_prompts, save_every, out_dir, sample_seed)
+            if done == steps:
+                break
         bar.close()
-        return {"stage": k, "steps": int(steps), "loss": mean, "seconds": time.time() - start}
+        return {"stage": k, "steps": steps, "loss": mean, "seconds": time.time() - start_time}
+
+    def _data_order(self, dataloader: Iterable, state: StageState, start_batch: Optional[int]) -> DataOrder:
+        """``fit``'s batches: from ``start_batch`` batches in, or (None) from the stage's recorded position."""
+        if start_batch is None:
+            return DataOrder(self._prepare_loader(dataloader), state.data)
+        start = start_position(dataloader, check_int("start_batch", start_batch, low=0))
+        return DataOrder(self._prepare_loader(dataloader), start)
+
+    def _after_step(self, k, done, on_step, sample_every, sample_prompts, save_every, out_dir, sample_seed) -> None:
+        """``fit``'s callback, sample grid and checkpoint after its ``done``-th step."""
+        state = self.stages[k]
+        if on_step is not None:
+            on_step(state.step)
+        if sample_every and done % sample_every == 0 and sample_prompts:
+            self.write_samples(Path(out_dir) / "samples" / f"stage{k}-{state.step:06d}.png", sample_prompts,
+                               stop_at_stage=k, seed=sample_seed)
+        if save_every and done % save_every == 0:
+            self.save(Path(out_dir) / "checkpoint")
 
     def _prepare_loader(self, dataloader: Iterable) -> Iterable:
         """Let Accelerate shard a DataLoader over the processes, unless its data set already reads a
@@ -460,56 +464,63 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------
 
     def save(self, path: Union[str, Path], *, overwrite: bool = False) -> str:
-        """Write a resumable checkpoint (configuration, weights, EMA weights, optimizer, schedule, steps, RNG).
+        """Write a resumable checkpoint (configuration, weights, EMA weights, optimizer, schedule, steps, data
+        positions, non-finite counts, RNG; :mod:`imagen_lib.training.trainer_state`).
 
         Call it on every process: only the main one writes, then all wait for it. An existing folder is
-        replaced only when this run wrote it (or with ``overwrite=True``).
+        replaced only when this run wrote it (or with ``overwrite=True``); ``TrainerSettings.keep_last``
+        versions are kept where the checkpoint writer keeps versions. Weights holding NaN or infinite values are
+        never written (:class:`NonFiniteLossError`), so the last good checkpoint stays.
         """
+        files = {f"stage{k}": st.net.state_dict() for k, st in enumerate(self.cascade.stages)}
+        files.update({f"stage{k}.ema": st.ema.ema_model.state_dict() for k, st in enumerate(self.stages)})
+        if self.text_ema is not None:
+            files["text_encoder"] = self.cascade.text_encoder.model.state_dict()
+            files["text_encoder.ema"] = self.text_ema.ema_model.state_dict()
+        # on every process (their weights are equal), so all of them raise together
+        nonfinite.check_finite_weights(files, str(path), self.last_checkpoint)
         if self.is_main_process:
-            tensors, state = self._trainer_state()
-            files = {f"stage{k}": st.net.state_dict() for k, st in enumerate(self.cascade.stages)}
-            files.update({f"stage{k}.ema": st.ema.ema_model.state_dict() for k, st in enumerate(self.stages)})
-            if self.text_ema is not None:
-                files["text_encoder"] = self.cascade.text_encoder.model.state_dict()
-                files["text_encoder.ema"] = self.text_ema.ema_model.state_dict()
+            tensors, state = trainer_state.trainer_state(self)
             files["trainer"] = tensors
             write_cascade_checkpoint(self.cascade, path, tensors=files, json_files={"trainer": state},
-                                     overwrite=overwrite, run_id=self.run_id)
+                                     overwrite=overwrite, run_id=self.run_id, **self._version_options())
         self.accelerator.wait_for_everyone()  # entered by every process
+        self._mark_saved(path)
         return str(path)
 
-    def _trainer_state(self) -> tuple[dict, dict]:
-        tensors: dict[str, Tensor] = {}
-        state = {
-            "run_id": self.run_id, "steps": self.steps, "horizons": self.horizons,
-            "settings": self.settings.config,
-            "optimizers": [ckpt.split_state(st.optimizer.state_dict(), f"opt{k}", tensors)
-                           for k, st in enumerate(self.stages)],
-            "rng": ckpt.rng_state(tensors),
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
-        }
-        for k, st in enumerate(self.stages):
-            tensors[f"ema{k}.step"], tensors[f"ema{k}.initted"] = st.ema.step, st.ema.initted
-        if self.text_ema is not None:
-            tensors["ema_text.step"], tensors["ema_text.initted"] = self.text_ema.step, self.text_ema.initted
-        return tensors, state
+    def _mark_saved(self, path: Union[str, Path]) -> None:
+        self.last_checkpoint = str(path)
+        self._saved_state = (str(path), self._positions())
+
+    def _positions(self) -> list:
+        return [(st.step, st.data.batches, st.skipped) for st in self.stages]
+
+    def is_saved(self, path: Union[str, Path]) -> bool:
+        """Whether the checkpoint at ``path`` was last written (or loaded) by this trainer and it has not
+        stepped since (no step taken or skipped in any stage)."""
+        return self._saved_state == (str(path), self._positions())
+
+    def _version_options(self) -> dict:
+        """``keep_last`` and ``label`` for a checkpoint writer that keeps versions (passed when it takes them)."""
+        accepted = inspect.signature(write_cascade_checkpoint).parameters
+        options = {"keep_last": self.settings.keep_last, "label": "step-" + "-".join(f"{s:06d}" for s in self.steps)}
+        return {name: value for name, value in options.items() if name in accepted}
 
     def load(self, path: Union[str, Path], *, stages: Optional[Sequence[int]] = None) -> "Trainer":
         """Restore everything :meth:`save` wrote, so training resumes where it stopped (call on every process).
 
-        With ``stages``, only those stages' weights, EMA, optimizer state, step count and schedule horizon
-        (e.g. stages trained in another process); the rest of this trainer (other stages, RNG) stays as it is.
+        With ``stages``, only those stages' weights, EMA, optimizer state, step count, schedule horizon, data
+        position and non-finite counts (e.g. stages trained in another process); the rest of this trainer
+        (other stages, RNG) stays as it is. ``trainer.json``'s values are checked (an error names the key); a
+        stage saved at another image size than this trainer's warns.
         """
-        config = ckpt.read_config(path)
-        mine = self.cascade.config
-        if [s["network"] for s in config["stages"]] != [s["network"] for s in mine["stages"]]:
-            raise ValueError(f"path: checkpoint {path!s} holds a different cascade architecture than this trainer's")
+        trainer_state.check_stage_configs(ckpt.read_config(path), self.cascade.config, path)
         partial = stages is not None
         chosen = sorted({self._index(k) for k in stages}) if partial else range(self.num_stages)
         tensors = ckpt.read_tensors(path, "trainer", self.device)
-        state = ckpt.read_json(path, "trainer")
+        state = trainer_state.check_trainer_json(ckpt.read_json(path, "trainer"), self.num_stages, path)
         for k in chosen:
-            self._load_stage(path, k, state, tensors)
+            trainer_state.load_stage(self, path, k, state, tensors)
         if partial:
             return self
         if self.train_text:
@@ -520,64 +531,11 @@ class Trainer:
         if state.get("scaler") and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.run_id = state["run_id"]
+        self._mark_saved(path)
         ckpt.set_rng_state(state["rng"], {k: v.cpu() for k, v in tensors.items()})
         if self.accelerator.process_index > 0:  # one saved stream, but each process needs its own noise
             torch.manual_seed(int(torch.randint(0, 2**62, ())) + self.accelerator.process_index)
         return self
-
-    def _load_stage(self, path: Union[str, Path], k: int, state: dict, tensors: dict) -> None:
-        """Stage ``k``'s weights, EMA, optimizer state, step count and horizon from a checkpoint."""
-        st = self.stages[k]
-        self.cascade.stages[k].net.load_state_dict(ckpt.read_tensors(path, f"stage{k}", self.device))
-        st.ema.ema_model.load_state_dict(ckpt.read_tensors(path, f"stage{k}.ema", self.device))
-        st.optimizer.load_state_dict(ckpt.join_state(state["optimizers"][k], tensors))
-        st.ema.step.copy_(tensors[f"ema{k}.step"])
-        st.ema.initted.copy_(tensors[f"ema{k}.initted"])
-        st.step, st.horizon = state["steps"][k], state["horizons"][k]
-
-
-def _forever(loader: Iterable, start_batch: int = 0):
-    """Batches of ``loader``, epoch after epoch from batch ``start_batch`` of that order on, telling the loader
-    and its data set (new crops, flips and shard order) each epoch's number before it starts."""
-    epoch, skip = _skip_to(loader, start_batch)
-    dataset = getattr(loader, "dataset", None)
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        empty = True
-        for batch in (_skip_first_batches(loader, skip) if skip else loader):
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("dataloader: it yielded no batch")
-        epoch, skip = epoch + 1, 0
-
-
-def _skip_to(loader: Iterable, start_batch: int) -> tuple[int, int]:
-    """(epoch, batch within it) of position ``start_batch``, after taking the loader through the epochs before
-    it: each iterates the loader with every batch skipped (indices only, no data is loaded), so the loader's
-    generator draws each epoch's permutation, as it did for the run that trained them."""
-    if start_batch == 0:
-        return 0, 0
-    from torch.utils.data import DataLoader, IterableDataset
-
-    if start_batch < 0 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        raise ValueError(f"start_batch: expected 0, or a position >= 0 in a DataLoader over a map-style data set "
-                         f"(an iterable one cannot skip by index), got {start_batch} for {type(loader).__name__}")
-    per_epoch = len(loader)
-    epoch, skip = divmod(start_batch, per_epoch)
-    for _ in range(epoch):
-        for _ in _skip_first_batches(loader, per_epoch):  # yields nothing
-            pass
-    return epoch, skip
-
-
-def _skip_first_batches(loader, num_batches: int):
-    from accelerate import skip_first_batches
-
-    return skip_first_batches(loader, num_batches)
 
 
 def flatten_config(tree: Any, prefix: str = "") -> dict:
