@@ -97,11 +97,18 @@ def _split_name(name: str) -> tuple[Optional[str], Optional[str]]:
     return folder + slash + stem, field.lower()
 
 
+def _ended_early(tar: tarfile.TarFile) -> bool:
+    """Whether a streamed tar stopped without reading its end-of-archive block (a file cut at or inside a
+    header, which ``tarfile`` takes for the end)."""
+    read = getattr(tar.fileobj, "pos", None)  # bytes of the (uncompressed) tar read so far
+    return read is not None and read < tar.offset + tarfile.BLOCKSIZE
+
+
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard, never raising for a broken tar: dicts of ``__key__``, ``__url__`` and
-    ``{extension: bytes}``. A tar that ends inside a member or holds a corrupt header ends the shard with
-    one sample carrying ``__error__`` (reason, detail) under the key being read; a file name seen twice in a
-    sample marks it the same way."""
+    ``{extension: bytes}``. A tar that ends early (inside a member or a header, or without its end-of-archive
+    marker) or holds a corrupt header ends the shard with one sample carrying ``__error__`` (reason, detail)
+    under the key being read (that sample is lost); a file name seen twice in a sample marks it the same way."""
     import fsspec
 
     with fsspec.open(url, "rb") as stream:
@@ -120,6 +127,8 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
                     current["__error__"] = ("duplicate file", f"{member.name} appears twice in the sample")
                 current[field] = tar.extractfile(member).read()
                 tar.members = []  # a streamed tar need not remember its members
+            if _ended_early(tar):
+                raise tarfile.ReadError("the tar ends before its end-of-archive marker")
         except _TAR_ERRORS as error:
             key = current["__key__"] if current is not None else "(the first member)"
             yield {"__key__": key, "__url__": url, "__error__": ("truncated tar", f"{type(error).__name__}: {error}")}
