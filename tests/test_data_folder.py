@@ -52,7 +52,7 @@ def folder(tmp_path_factory):
 def test_folder_yields_normalised_batches_and_counts_skipped_files(folder):
     root, texts = folder
     with pytest.warns(UserWarning, match="skipped 3 images"):
-        ds = ImageTextFolder(root, image_size=32)
+        ds = ImageTextFolder(root, image_size=32, max_bad_share=0.05)
     assert len(ds) == N_GOOD
     assert ds.skipped == {"unreadable": 1, "too small": 1, "no caption": 1}
     assert "sub/img05.webp" in ds.keys
@@ -73,12 +73,12 @@ def test_image_that_fails_to_decode_is_skipped_mid_epoch(tmp_path):
         (tmp_path / f"{i}.txt").write_text(f"caption {i}")
     data = (tmp_path / "1.png").read_bytes()
     (tmp_path / "1.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
-    ds = ImageTextFolder(tmp_path, image_size=16)
+    ds = ImageTextFolder(tmp_path, image_size=16, max_bad_share=0.5)
     assert len(ds) == 3 and not ds.skipped
     with pytest.warns(UserWarning, match="1.png"):
         item = ds[1]
     assert item["keys"] == "2.png" and item["texts"] == "caption 2"
-    assert ds.skipped["unreadable"] == 1
+    assert ds.skipped["undecodable image"] == 1
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
@@ -136,11 +136,12 @@ def shards(folder, tmp_path_factory):
 
 def test_shards_yield_every_sample_once_and_skip_corrupt_ones(shards):
     out, texts = shards
-    ds = ShardDataset(f"{out}/shard-{{000000..000004}}.tar", image_size=16, shuffle_buffer=10, seed=3)
+    ds = ShardDataset(f"{out}/shard-{{000000..000004}}.tar", image_size=16, shuffle_buffer=10, seed=3,
+                      max_bad_share=0.1)
     with pytest.warns(UserWarning, match="skipped sample bad"):
         items = list(ds)
     assert sorted(i["keys"] for i in items) == [f"s{i:02d}" for i in range(N_GOOD)]
-    assert ds.skipped == 1
+    assert ds.skipped == {"undecodable image": 1}
     assert [i["keys"] for i in items] != sorted(i["keys"] for i in items), "the buffer shuffles"
     for item in items:
         assert item["images"].shape == (3, 16, 16) and -1 <= item["images"].min() and item["images"].max() <= 1
@@ -155,7 +156,7 @@ def test_each_process_and_worker_reads_its_own_shards(shards):
     assert len(expand_urls(pattern)) == 5
     keys = []
     for rank in range(2):
-        ds = ShardDataset(pattern, image_size=8, shuffle_buffer=0, rank=rank, world_size=2, seed=9)
+        ds = ShardDataset(pattern, image_size=8, shuffle_buffer=0, rank=rank, world_size=2, seed=9, max_bad_share=0.2)
         ds.set_epoch(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -163,7 +164,7 @@ def test_each_process_and_worker_reads_its_own_shards(shards):
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert len(keys[0] | keys[1]) == N_GOOD
     # two DataLoader workers of one process: disjoint too, and nothing is lost
-    ds = ShardDataset(pattern, image_size=8, shuffle_buffer=4)
+    ds = ShardDataset(pattern, image_size=8, shuffle_buffer=4, max_bad_share=0.2)
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_image_text)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -203,3 +204,78 @@ print(before, created, process_split())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "(2, 3) False (0, 1)"
+
+
+def _folder_with_bad_files(root: Path) -> None:
+    """8 good images 0..7 plus a corrupt image, a non-UTF-8 caption and a caption that cannot be read."""
+    for i in range(8):
+        Image.new("RGB", (20, 16), (i * 30, 0, 0)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"caption {i}")
+    (root / "3b.png").write_bytes(b"\x89PNG\r\n\x1a\n but nothing else")
+    (root / "3b.txt").write_text("corrupt image")
+    Image.new("RGB", (20, 16)).save(root / "5b.png")
+    (root / "5b.txt").write_bytes("légende".encode("latin-1"))
+    Image.new("RGB", (20, 16)).save(root / "6b.png")
+    (root / "6b.txt").write_text("locked")
+
+
+def _unreadable(monkeypatch, name: str) -> None:
+    """Reading the file ``name`` fails as a file without read permission does (even for root)."""
+    read_bytes = Path.read_bytes
+
+    def failing(path: Path) -> bytes:
+        if path.name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+
+
+def test_folder_leaves_out_a_corrupt_image_and_unreadable_captions_keeping_the_order(tmp_path, monkeypatch):
+    _folder_with_bad_files(tmp_path)
+    _unreadable(monkeypatch, "6b.txt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ImageTextFolder(tmp_path, image_size=8, max_bad_share=0.5)
+    assert ds.keys == [f"{i}.png" for i in range(8)]
+    assert ds.skipped == {"unreadable": 1, "caption not UTF-8": 1, "caption unreadable": 1}
+    messages = [str(w.message) for w in caught]
+    for key, reason in [("3b.png", "unreadable"), ("5b.png", "caption not UTF-8"), ("6b.png", "caption unreadable")]:
+        assert sum(f"skipped sample {key} in {tmp_path / key}: {reason}" in m for m in messages) == 1, messages
+    assert [ds[i]["texts"] for i in range(8)] == [f"caption {i}" for i in range(8)]
+    # the share: 3 bad files of 11 is more than the default 1%
+    with pytest.raises(ValueError) as error, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ImageTextFolder(tmp_path, image_size=8)
+    for part in ["ImageTextFolder(", "3 of 11 samples are bad", "27.3%", "max_bad_share=0.01"]:
+        assert part in str(error.value)
+
+
+def test_folder_image_that_fails_later_is_replaced_once_and_counts_to_the_share(tmp_path):
+    for i in range(4):
+        Image.new("RGB", (40, 40), (i * 60, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    data = (tmp_path / "2.png").read_bytes()
+    (tmp_path / "2.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+    ds = ImageTextFolder(tmp_path, image_size=16, max_bad_share=0.25)
+    with pytest.warns(UserWarning, match="2.png"):
+        assert [ds[i]["keys"] for i in range(4)] == ["0.png", "1.png", "3.png", "3.png"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the file is not tried again
+        assert ds[2]["keys"] == "3.png"
+    assert ds.skipped == {"undecodable image": 1}
+    strict = ImageTextFolder(tmp_path, image_size=16, max_bad_share=0.2)
+    with pytest.raises(ValueError, match=r"1 of 4 samples are bad \(25.0%: 1 undecodable image\)"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strict[2]
+
+
+def test_folder_of_only_bad_files_fails_with_the_share_error(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"broken")
+        (tmp_path / f"{i}.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"3 of 3 samples are bad \(100.0%: 3 unreadable\)"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ImageTextFolder(tmp_path, image_size=8)

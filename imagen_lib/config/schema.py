@@ -19,6 +19,7 @@ from imagen_lib.diffusion import DIFFUSIONS
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.nn import presets
 from imagen_lib.training.settings import TrainerSettings
+from imagen_lib.validation import check_number
 
 
 def _at_least(name: str, value: Optional[int], low: int, what: str = "an int") -> None:
@@ -180,10 +181,12 @@ class FolderData:
     min_size: Optional[int] = None
     extensions: Optional[list[str]] = None
     seed: int = 0
+    max_bad_share: float = 0.01
     num_workers: int = 0
 
     def __post_init__(self):
         _at_least("num_workers", self.num_workers, 0)
+        check_number("max_bad_share", self.max_bad_share, low=0.0, high=1.0)
 
 
 @dataclass(kw_only=True)
@@ -200,10 +203,12 @@ class ShardsData:
     shuffle_buffer: int = 1000
     shuffle_shards: bool = True
     seed: int = 0
+    max_bad_share: float = 0.01
     num_workers: int = 0
 
     def __post_init__(self):
         _at_least("num_workers", self.num_workers, 0)
+        check_number("max_bad_share", self.max_bad_share, low=0.0, high=1.0)
 
 
 DataConfig = Union[ShapesData, FolderData, ShardsData]

@@ -19,6 +19,7 @@ _EXPORTS = {
     "collate_image_text": "imagen_lib.data.collate",
     "ShardDataset": "imagen_lib.data.shards",
     "write_shards": "imagen_lib.data.shards",
+    "read_shard": "imagen_lib.data.shards",
     "expand_urls": "imagen_lib.data.shards",
     "ImageTransform": "imagen_lib.data.transforms",
     "EmbeddingStore": "imagen_lib.data.embeddings",
@@ -49,5 +50,5 @@ if TYPE_CHECKING:
     from imagen_lib.data.precache import precache_captions, precache_shards
     from imagen_lib.data.shapes import ShapesDataset, collate_shapes, render, render_batch, sample_captions
     from imagen_lib.data.shapes_reader import read_shapes, score_shapes
-    from imagen_lib.data.shards import ShardDataset, expand_urls, write_shards
+    from imagen_lib.data.shards import ShardDataset, expand_urls, read_shard, write_shards
     from imagen_lib.data.transforms import ImageTransform

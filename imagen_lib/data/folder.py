@@ -1,10 +1,11 @@
 """A folder of images with a same-named ``.txt`` caption beside each: ``cat.png`` + ``cat.txt``.
 
-Images that cannot be read or are too small are skipped and counted, never a crash mid-epoch: headers are
-checked when the folder is scanned, and an image that fails to decode later is replaced by the next good
-one (with a warning). Captions can be replaced by precomputed embeddings from an
-:class:`~imagen_lib.data.embeddings.EmbeddingStore` (``imagen-lib precache``), so that training never loads
-the text encoder.
+Files that cannot be read or are too small are skipped and counted, never a crash mid-epoch: image headers
+and captions are checked when the folder is scanned, and an image that fails to decode later is replaced
+by the next good one (with a warning); too many bad files stop with a clear error (``max_bad_share``).
+Captions can be replaced by precomputed embeddings from an
+:class:`~imagen_lib.data.embeddings.EmbeddingStore` (``imagen-lib precache``), so that training never
+loads the text encoder.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from imagen_lib.data.bad_samples import BadSample, BadSamples, check_max_bad_share
 from imagen_lib.data.collate import collate_image_text
 from imagen_lib.data.embeddings import EmbeddingStore, fit_token_length
 from imagen_lib.data.transforms import ImageTransform
@@ -27,24 +29,49 @@ from imagen_lib.data.transforms import ImageTransform
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _scan(root: Path, extensions: Sequence[str], min_size: int) -> tuple[list[Path], Counter]:
-    """Image files with a caption beside them whose header reads and whose shorter side is >= min_size."""
-    kept, skipped = [], Counter()
+def _read_caption(path: Path) -> str:
+    """The caption file of an image, UTF-8, stripped; :class:`BadSample` when it cannot be read."""
+    try:
+        return path.with_suffix(".txt").read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise BadSample("caption not UTF-8", str(error)) from None
+    except OSError as error:
+        raise BadSample("caption unreadable", f"{type(error).__name__}: {error}") from None
+
+
+def _check_file(path: Path, min_size: int) -> Optional[str]:
+    """Why an image file is left out, or None to keep it. "no caption" and "too small" are the folder's
+    rules; a :class:`BadSample` (a header that does not read, a caption that cannot be read) is a bad file."""
+    if not path.with_suffix(".txt").is_file():
+        return "no caption"
+    try:
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+    except Exception as error:  # PIL raises many kinds for a broken file
+        raise BadSample("unreadable", f"{type(error).__name__}: {error}") from None
+    if min(width, height) < min_size:
+        return "too small"
+    _read_caption(path)
+    return None
+
+
+def _scan(root: Path, extensions: Sequence[str], min_size: int, bad: BadSamples) -> tuple[list[Path], Counter]:
+    """Image files with a readable caption beside them whose header reads and whose shorter side is
+    >= min_size; bad files are counted in ``bad`` (with a warning each), the others left out by rule in the
+    second value."""
+    kept, left_out = [], Counter()
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()):
-        if not path.with_suffix(".txt").is_file():
-            skipped["no caption"] += 1
-            continue
         try:
-            with Image.open(path) as image:  # reads the header only
-                width, height = image.size
-        except Exception:  # PIL raises many kinds for a broken file
-            skipped["unreadable"] += 1
+            why = _check_file(path, min_size)
+        except BadSample as error:
+            bad.record(error, path.relative_to(root).as_posix(), str(path))
             continue
-        if min(width, height) < min_size:
-            skipped["too small"] += 1
+        if why is not None:
+            left_out[why] += 1
             continue
+        bad.seen += 1
         kept.append(path)
-    return kept, skipped
+    return kept, left_out
 
 
 class ImageTextFolder(Dataset):
@@ -61,10 +88,18 @@ class ImageTextFolder(Dataset):
         token_length: trim or pad precomputed embeddings to this many tokens (default: the store's
             ``max_length``).
         seed: seed of the random crop and flip (default 0); item ``i`` of epoch ``e`` is deterministic.
+        max_bad_share: the share of bad files tolerated (default 0.01); more is a ``ValueError``.
 
     Items: ``{"images": (3, S, S) in [-1, 1], "texts": str, "keys": relative path}`` (or ``text_embeds``
-    (N, D) float32 + ``text_mask`` (N,) bool instead of ``texts``). ``skipped`` counts what was left out.
-    Use ``collate_fn`` with a DataLoader.
+    (N, D) float32 + ``text_mask`` (N,) bool instead of ``texts``). Use ``collate_fn`` with a DataLoader.
+
+    Files left out, counted per reason in ``skipped``: by rule, images without a ``.txt`` beside them ("no
+    caption") and smaller than ``min_size`` ("too small"); bad files, with one warning each, images whose
+    header does not read ("unreadable") and captions that cannot be read or are not UTF-8. All are found
+    when the folder is scanned, so they never take an index and the order of the good files is fixed. An
+    image whose header reads but whose pixels do not ("undecodable image", found when it is loaded) is
+    replaced by the next good file in index order, deterministically, and never tried again. Bad files
+    (found at the scan or later) beyond ``max_bad_share`` of the files stop with a ``ValueError``.
     """
 
     collate_fn = staticmethod(collate_image_text)
@@ -81,19 +116,24 @@ class ImageTextFolder(Dataset):
         token_length: Optional[int] = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         seed: int = 0,
+        max_bad_share: float = 0.01,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"root: {self.root} is not a folder")
         self.transform = ImageTransform(image_size, crop=crop, flip=flip)
         self.min_size = image_size // 2 if min_size is None else int(min_size)
-        self.paths, self.skipped = _scan(self.root, tuple(e.lower() for e in extensions), self.min_size)
+        self._bad = BadSamples(f"ImageTextFolder({str(self.root)!r})", check_max_bad_share(max_bad_share))
+        self.paths, left_out = _scan(self.root, tuple(e.lower() for e in extensions), self.min_size, self._bad)
+        self.skipped = left_out + self._bad.counts
         if self.skipped:
             details = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
             total = sum(self.skipped.values())
             warnings.warn(f"ImageTextFolder: skipped {total} images in {self.root} ({details})", stacklevel=2)
+        self._bad.judge()
         if not self.paths:
             raise ValueError(f"root: no usable image with a .txt caption in {self.root}")
+        self._failed: set[int] = set()  # indices whose image did not decode
         self.keys = [p.relative_to(self.root).as_posix() for p in self.paths]
         self.store = EmbeddingStore(embeddings) if isinstance(embeddings, (str, Path)) else embeddings
         self.token_length = token_length
@@ -113,17 +153,40 @@ class ImageTextFolder(Dataset):
         return [(key, self.caption(i)) for i, key in enumerate(self.keys)]
 
     def caption(self, index: int) -> str:
-        return self.paths[index].with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
+        """The caption of image ``index`` (UTF-8; checked when the folder was scanned)."""
+        try:
+            return _read_caption(self.paths[index])
+        except BadSample as error:
+            raise ValueError(f"{self.paths[index].with_suffix('.txt')}: {error}") from None
 
     def set_epoch(self, epoch: int) -> None:
         """Change the random crops and flips for ``epoch``."""
         self.epoch = int(epoch)
 
-    def _load(self, index: int) -> torch.Tensor:
+    def _load(self, index: int) -> dict[str, Any]:
         entropy = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(entropy >> 2))
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image, generator)
+        try:
+            with Image.open(self.paths[index]) as image:
+                item: dict[str, Any] = {"images": self.transform(image, generator), "keys": self.keys[index]}
+        except Exception as error:  # a file that passed the header check but does not decode
+            raise BadSample("undecodable image", f"{type(error).__name__}: {error}") from None
+        if self.store is None:
+            item["texts"] = _read_caption(self.paths[index])
+        else:
+            embeds, mask = self.store[self.store.index(self.keys[index])]
+            item["text_embeds"], item["text_mask"] = fit_token_length(
+                embeds.float(), mask, self.token_length or self.store.max_length
+            )
+        return item
+
+    def _fail(self, index: int, error: BadSample) -> None:
+        """Count a file found bad when loaded (once), warn, and judge the share of bad files."""
+        self._failed.add(index)
+        self.skipped[error.reason] += 1
+        self._bad.counts[error.reason] += 1
+        warnings.warn(f"ImageTextFolder: skipped {self.paths[index]} ({error}); using the next image", stacklevel=3)
+        self._bad.judge()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
@@ -131,23 +194,13 @@ class ImageTextFolder(Dataset):
         index %= len(self)
         for attempt in range(len(self)):
             k = (index + attempt) % len(self)
+            if k in self._failed:
+                continue
             try:
-                image = self._load(k)
-                break
-            except Exception as error:  # a file that passed the header check but does not decode
-                self.skipped["unreadable"] += 1
-                warnings.warn(f"ImageTextFolder: skipped {self.paths[k]} ({error}); using the next image", stacklevel=2)
-        else:
-            raise RuntimeError(f"ImageTextFolder: no image in {self.root} could be decoded")
-        item: dict[str, Any] = {"images": image, "keys": self.keys[k]}
-        if self.store is not None:
-            embeds, mask = self.store[self.store.index(self.keys[k])]
-            item["text_embeds"], item["text_mask"] = fit_token_length(
-                embeds.float(), mask, self.token_length or self.store.max_length
-            )
-        else:
-            item["texts"] = self.caption(k)
-        return item
+                return self._load(k)
+            except BadSample as error:
+                self._fail(k, error)
+        raise RuntimeError(f"ImageTextFolder: no image in {self.root} could be decoded")
 
     def __repr__(self) -> str:
         return f"ImageTextFolder({str(self.root)!r}, images={len(self)}, image_size={self.transform.image_size})"

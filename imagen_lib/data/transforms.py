@@ -17,17 +17,22 @@ from torch import Tensor
 ImageInput = Union[Image.Image, np.ndarray, Tensor]
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image in mode RGB (a new image): an alpha channel is composited onto white."""
+    if image.mode in ("RGBA", "LA", "P") and (image.mode != "P" or "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
 def to_tensor(image: ImageInput) -> Tensor:
     """A PIL image, an (H, W, C) uint8 array or a (C, H, W) tensor in [0, 1] as (3, H, W) float32 in [0, 1].
 
     Grey images are repeated to three channels and an alpha channel is composited onto white.
     """
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "P") and (image.mode != "P" or "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, rgba)
-        image = np.array(image.convert("RGB"))  # a writable copy
+        image = np.array(to_rgb(image))  # a writable copy
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"image: a numpy image must be uint8 (H, W, C), got {image.dtype}")
