@@ -88,12 +88,19 @@ def build_stage(block: StageConfig, k: int, text_embed_dim: Optional[int]) -> St
 
 
 def build_cascade(config: Config) -> Cascade:
-    """The :class:`~imagen_lib.cascade.Cascade` a configuration describes (weights drawn under ``seed``)."""
+    """The :class:`~imagen_lib.cascade.Cascade` a configuration describes (weights drawn under ``seed``, which
+    also seeds Python's and NumPy's global generators, so every generator a checkpoint restores starts from the
+    config)."""
+    import random
+
+    import numpy as np
     import torch
 
     run = parse_config(config)
     if run.seed is not None:
         torch.manual_seed(run.seed)
+        random.seed(run.seed)
+        np.random.seed(run.seed % 2**32)
     encoder = build_text_encoder(run.text_encoder)
     dim = _text_embed_dim(run, encoder)
     stages = [build_stage(block, k, dim) for k, block in enumerate(run.stages)]
