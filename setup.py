@@ -35,6 +35,7 @@ setup(
         "tensorboard": ["tensorboard>=2.12"],
         "test": [
             "pytest>=7",
+            "hypothesis>=6.0",
             "ruff>=0.5",
             "nbclient>=0.7",
             "nbformat>=5.7",

@@ -18,10 +18,10 @@ _EXPORTS = {
     "NoiseAugmentation": "imagen_lib.diffusion.noise_augment",
     "T5TextEncoder": "imagen_lib.text",
     "Stage": "imagen_lib.cascade",
-    "SamplerSettings": "imagen_lib.cascade",
+    "SamplerSettings": "imagen_lib.sampling_options",
     "Cascade": "imagen_lib.cascade",
-    "StartImages": "imagen_lib.cascade",
-    "Inpainting": "imagen_lib.cascade",
+    "StartImages": "imagen_lib.sampling_options",
+    "Inpainting": "imagen_lib.sampling_options",
     "UnetConfig": "imagen_lib.nn.config",
     "EfficientUnetConfig": "imagen_lib.nn.config",
     "Trainer": "imagen_lib.training.trainer",
@@ -47,13 +47,14 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # static tools see the real names
-    from imagen_lib.cascade import Cascade, Inpainting, SamplerSettings, Stage, StartImages
+    from imagen_lib.cascade import Cascade, Stage
     from imagen_lib.data.shapes import ShapesDataset
     from imagen_lib.diffusion import ElucidatedDiffusion, GaussianDiffusionContinuous
     from imagen_lib.diffusion.noise_augment import NoiseAugmentation
     from imagen_lib.nn.config import EfficientUnetConfig, UnetConfig
     from imagen_lib.nn.efficient_unet import EfficientUnet
     from imagen_lib.nn.unet import Unet
+    from imagen_lib.sampling_options import Inpainting, SamplerSettings, StartImages
     from imagen_lib.text import T5TextEncoder
     from imagen_lib.training.loop import RunOptions, train_stages
     from imagen_lib.training.trainer import Trainer, TrainerSettings

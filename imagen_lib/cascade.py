@@ -4,9 +4,11 @@ processes, samplers from :mod:`imagen_lib.diffusion.samplers`, guidance, thresho
 :mod:`imagen_lib.diffusion.guidance`, low-resolution conditioning noise from :mod:`imagen_lib.diffusion.noise_augment`.
 
 Images are in [-1, 1] for training (:meth:`Cascade.forward`) and in [0, 1] (or PIL) out of
-:meth:`Cascade.sample`. The parts are checked structurally against :mod:`imagen_lib.protocols`, so a network,
-process or text encoder of your own plugs in; checkpoints are read and written by
-:mod:`imagen_lib.cascade_checkpoint`.
+:meth:`Cascade.sample`, whose options (:class:`SamplerSettings`, :class:`StartImages`, :class:`Inpainting`) live in
+:mod:`imagen_lib.sampling_options` and are re-exported here. The public methods check their arguments once, on
+entry (:mod:`imagen_lib.validation`: types by beartype, values by hand), so a bad one fails with its name. The
+parts are checked structurally against :mod:`imagen_lib.protocols`, so a network, process or text encoder of
+your own plugs in; checkpoints are read and written by :mod:`imagen_lib.cascade_checkpoint`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imagen_lib import cascade_checkpoint
@@ -27,70 +28,31 @@ from imagen_lib.diffusion.noise import Generator, rand
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.diffusion.samplers import SAMPLERS, get_sampler
 from imagen_lib.protocols import DiffusionProcess, Network, TextEncoder, check_protocol, plain_config
+from imagen_lib.sampling_options import Inpainting, SamplerSettings, StartImages, resize
+from imagen_lib.validation import (
+    check_bool_mask,
+    check_embeddings,
+    check_images,
+    check_int,
+    check_number,
+    check_seed,
+    check_stage,
+    check_texts,
+    typechecked,
+)
+
+__all__ = [
+    "CONFIG_FORMAT", "Cascade", "Inpainting", "PromptEncoder", "SamplerSettings", "Stage", "StartImages",
+    "random_crops", "resize",
+]
 
 CONFIG_FORMAT = "imagen_lib.cascade/1"
+_SEED_END = 2**63  # image i draws from torch.Generator().manual_seed(seed + i), which takes a signed 64-bit value
 
 
 # ---------------------------------------------------------------------------------------------------------
-# settings and stages
+# stages
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplerSettings:
-    """How a stage samples; every field can be overridden per call.
-
-    Attributes:
-        sampler: a name in :data:`imagen_lib.diffusion.samplers.SAMPLERS`; None (default) = the diffusion process's
-            ``default_sampler`` (``dpmpp_2m``).
-        steps: sampling steps; None (default) = the process's ``default_steps`` (25).
-        cond_scale: classifier-free guidance weight, default 3.0; 1.0 = no guidance (Imagen: 5-10,
-            NeMo's ``cfg``). Ignored by stages without text conditioning.
-        guidance_rescale: CFG rescale of Lin et al. 2023, default 0.0 (paper: 0.7).
-        threshold: ``"dynamic"`` (default, Imagen's), ``"static"`` (clip x0 to [-1, 1]) or ``"none"``.
-        threshold_percentile: dynamic thresholding percentile, default 0.995 (Imagen's).
-        threshold_max: optional cap on the dynamic threshold (DeepFloyd IF), default None.
-        lowres_aug_level: noise-augmentation level of the low-resolution input of a super-resolution stage
-            while sampling; None (default) = the stage's ``lowres_aug.sample_level`` (0.2).
-        options: extra keyword arguments of the sampler (``S_churn``, ``eta``, ...), default none.
-    """
-
-    sampler: Optional[str] = None
-    steps: Optional[int] = None
-    cond_scale: float = 3.0
-    guidance_rescale: float = 0.0
-    threshold: Literal["dynamic", "static", "none"] = "dynamic"
-    threshold_percentile: float = 0.995
-    threshold_max: Optional[float] = None
-    lowres_aug_level: Optional[float] = None
-    options: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.sampler is not None:
-            get_sampler(self.sampler)  # raises with the list of choices
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps: expected None or a positive int, got {self.steps!r}")
-        if self.threshold not in ("dynamic", "static", "none"):
-            raise ValueError(f"threshold: expected 'dynamic', 'static' or 'none', got {self.threshold!r}")
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale: expected a value in [0, 1], got {self.guidance_rescale}")
-        if self.lowres_aug_level is not None and not 0.0 <= self.lowres_aug_level <= 1.0:
-            raise ValueError(f"lowres_aug_level: expected None or a level in [0, 1], got {self.lowres_aug_level}")
-        self.cond_scale = float(self.cond_scale)
-        self.options = dict(self.options)
-
-    @property
-    def config(self) -> dict:
-        """Plain JSON values; ``SamplerSettings(**settings.config)`` rebuilds it."""
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "SamplerSettings":
-        """A copy with some fields changed (unknown names raise)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ValueError(f"sampler settings: unknown field(s) {unknown}; expected some of {sorted(names)}")
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -151,14 +113,6 @@ class Stage:
         }
 
 
-def resize(images: Tensor, size: int) -> Tensor:
-    """Resize (B, C, H, W) to (B, C, size, size): bilinear, antialiased when shrinking."""
-    if images.shape[-2:] == (size, size):
-        return images
-    shrinking = size < images.shape[-1] or size < images.shape[-2]
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
-
-
 def random_crops(images: Sequence[Tensor], size: int, generator: Generator = None) -> list[Tensor]:
     """The same random ``size`` x ``size`` window of each row cut from every tensor of ``images`` (all
     (B, C, H, W) with equal B, H, W): row ``b`` keeps ``[top_b : top_b + size, left_b : left_b + size]``, offsets
@@ -172,39 +126,6 @@ def random_crops(images: Sequence[Tensor], size: int, generator: Generator = Non
     cols = (lefts[:, None] + offsets)[:, None, None, :]     # (B, 1, 1, size)
     batch = torch.arange(b, device=device)[:, None, None, None]
     return [x[batch, torch.arange(x.shape[1], device=device)[None, :, None, None], rows, cols] for x in images]
-
-
-def _check_images(images: Any) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        raise ValueError(f"images: expected a (B, C, H, W) tensor in [0, 1], got {type(images).__name__}")
-
-
-@dataclass(frozen=True)
-class StartImages:
-    """Begin sampling at a super-resolution ``stage`` (default 1) from your own ``images``: (B, C, H, W) in
-    [0, 1], one per prompt or one per image, any size (each stage resizes its input)."""
-
-    images: Tensor
-    stage: int = 1
-
-    def __post_init__(self):
-        _check_images(self.images)
-        if not isinstance(self.stage, int) or isinstance(self.stage, bool) or self.stage < 1:
-            raise ValueError(f"stage: expected a super-resolution stage index (1 or more), got {self.stage!r}")
-
-
-@dataclass(frozen=True)
-class Inpainting:
-    """RePaint inpainting at every stage: ``images`` (B, C, H, W) in [0, 1], one per prompt or one per image,
-    and ``masks`` (H, W), (B, H, W) or (B, 1, H, W), True = keep that pixel of ``images``."""
-
-    images: Tensor
-    masks: Tensor
-
-    def __post_init__(self):
-        _check_images(self.images)
-        if not isinstance(self.masks, Tensor) or not 2 <= self.masks.ndim <= 4:
-            raise ValueError("masks: expected a bool tensor (H, W), (B, H, W) or (B, 1, H, W), True = keep")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,8 +155,7 @@ class Cascade(nn.Module):
         stages = list(stages)
         if not stages or not all(isinstance(s, Stage) for s in stages):
             raise TypeError("stages: expected a non-empty list of Stage")
-        if not 0.0 <= cond_drop_prob < 1.0:
-            raise ValueError(f"cond_drop_prob: expected a probability in [0, 1), got {cond_drop_prob}")
+        check_number("cond_drop_prob", cond_drop_prob, low=0, high=1, high_open=True)
         if text_encoder is not None:
             check_protocol(text_encoder, TextEncoder, "text_encoder")
         self._check_stages(stages, text_encoder)
@@ -318,31 +238,41 @@ class Cascade(nn.Module):
         }
 
     def _stage_index(self, stage: int, name: str = "stage") -> int:
-        n = len(self.stages)
-        if not isinstance(stage, int) or not -n <= stage < n:
-            raise ValueError(f"{name}: expected a stage index in [0, {n - 1}], got {stage!r}")
-        return stage % n
+        return check_stage(name, stage, len(self.stages))
 
-    def condition(
-        self, batch: int, texts: Optional[Sequence[str]] = None, text_embeds: Optional[Tensor] = None,
-        text_mask: Optional[Tensor] = None, text_encoder: Optional[PromptEncoder] = None,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """The nets' ``(text_embeds, text_mask)`` for a batch, from ``texts`` (encoded by ``text_encoder`` when
-        given, else by the cascade's: see :meth:`using`) or precomputed embeddings. ``text_mask`` defaults to the
-        non-zero rows of ``text_embeds`` (padded positions are zero). ``(None, None)`` when unconditional."""
+    def _check_text_inputs(self, texts, text_embeds, text_mask) -> Optional[list[str]]:
+        """``texts`` as a list; the precomputed embeddings and mask checked (finite float, bool, shapes)."""
         if texts is not None and text_embeds is not None:
             raise ValueError("texts, text_embeds: pass one of them, not both")
+        if text_mask is not None and text_embeds is None:
+            raise ValueError("text_mask: given without text_embeds (texts are masked by their encoder)")
+        if self.text_embed_dim is None and (texts is not None or text_embeds is not None):
+            raise ValueError("texts: this cascade is unconditional (its nets take no text)")
+        if text_embeds is not None:
+            check_embeddings("text_embeds", text_embeds, width=self.text_embed_dim)
+        if text_mask is not None:
+            check_bool_mask("text_mask", text_mask, ndims=(2,), meaning="True = a real token")
+        return None if texts is None else [texts] if isinstance(texts, str) else check_texts("texts", texts)
+
+    @typechecked
+    def condition(
+        self, batch: Optional[int], texts: Optional[Sequence[str]] = None, text_embeds: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None, text_encoder: Optional[PromptEncoder] = None,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The nets' ``(text_embeds, text_mask)`` for a batch of ``batch`` rows (None: as many as given), from
+        ``texts`` (a non-empty list of strings, encoded by ``text_encoder`` when given, else by the cascade's: see
+        :meth:`using`) or precomputed embeddings (a finite float (B, N, D) tensor, and a bool (B, N) mask).
+        ``text_mask`` defaults to the non-zero rows of ``text_embeds`` (padded positions are zero).
+        ``(None, None)`` when unconditional."""
+        batch = check_int("batch", batch, low=1, optional=True)
+        texts = self._check_text_inputs(texts, text_embeds, text_mask)
         if self.text_embed_dim is None:
-            if texts is not None or text_embeds is not None:
-                raise ValueError("texts: this cascade is unconditional (its nets take no text)")
             return None, None
         if texts is not None:
-            if isinstance(texts, str):
-                texts = [texts]
             encoder = next((e for e in (text_encoder, self._prompt_encoder, self.text_encoder) if e is not None), None)
             if encoder is None:
                 raise ValueError("texts: this cascade has no text encoder; pass text_embeds and text_mask")
-            text_embeds, text_mask = encoder(list(texts))
+            text_embeds, text_mask = encoder(texts)
         elif text_embeds is None:
             raise ValueError("texts: this cascade is text-conditioned; pass texts or text_embeds + text_mask")
         if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.text_embed_dim:
@@ -351,7 +281,7 @@ class Cascade(nn.Module):
             text_mask = text_embeds.abs().amax(-1) > 0
         if text_mask.shape != text_embeds.shape[:2]:
             raise ValueError(f"text_mask: expected shape {tuple(text_embeds.shape[:2])}, got {tuple(text_mask.shape)}")
-        if text_embeds.shape[0] != batch:
+        if batch is not None and text_embeds.shape[0] != batch:
             raise ValueError(f"text_embeds: expected {batch} rows (one per image), got {text_embeds.shape[0]}")
         return text_embeds.to(self.device, torch.float32), text_mask.to(self.device).bool()
 
@@ -359,12 +289,14 @@ class Cascade(nn.Module):
     # training
     # ----------------------------------------------------------------------------------------------------
 
+    @typechecked
     def forward(
         self, images: Tensor, texts: Optional[Sequence[str]] = None, text_embeds: Optional[Tensor] = None,
-        text_mask: Optional[Tensor] = None, stage: int = 0, *, net: Optional[nn.Module] = None,
-        text_encoder: Optional[nn.Module] = None, generator: Generator = None,
+        text_mask: Optional[Tensor] = None, stage: int = 0, *, net: Optional[Callable[..., Tensor]] = None,
+        text_encoder: Optional[PromptEncoder] = None, generator: Generator = None,
     ) -> Tensor:
-        """Training loss (scalar, mean over the batch) of ``stage`` on ``images`` (B, C, H, W) in [-1, 1].
+        """Training loss (scalar, mean over the batch) of ``stage`` on ``images``: a non-empty float (B, C, H, W)
+        tensor with finite values in [-1, 1] (checked, like the text inputs: see :meth:`condition`).
 
         Images are resized (antialiased) to the stage's size. A super-resolution stage gets as its
         low-resolution input the images resized to the previous stage's size and back, noised by its
@@ -375,11 +307,8 @@ class Cascade(nn.Module):
         """
         k = self._stage_index(stage)
         st = self.stages[k]
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != self.channels:
-            raise ValueError(f"images: expected a (B, {self.channels}, H, W) tensor in [-1, 1]")
+        check_images("images", images, channels=self.channels, value_range=(-1, 1))
         images = images.to(self.device, torch.float32)
-        if images.detach().abs().max() > 1.01:
-            raise ValueError("images: expected values in [-1, 1] (got values outside; were they in [0, 255]?)")
         b = images.shape[0]
         embeds, mask = self.condition(b, texts, text_embeds, text_mask, text_encoder)
         if embeds is not None and self.training and self.cond_drop_prob > 0:
@@ -412,12 +341,37 @@ class Cascade(nn.Module):
                             f"{sorted(names)} (other modules: Cascade.using; start=StartImages, inpaint=Inpainting)")
         return {name: v for name, v in {"cond_scale": cond_scale, **settings}.items() if v is not None}
 
-    def _settings(self, k: int, call_wide: dict, stage_overrides) -> SamplerSettings:
-        """Stage settings < call-wide settings < ``stage_overrides[k]``."""
-        override = (stage_overrides or {}).get(k, {})
-        if isinstance(override, SamplerSettings):
-            return override
-        return self.stages[k].sampler.replace(**{**call_wide, **dict(override)})
+    def _settings(self, call_wide: dict, stage_overrides) -> list[SamplerSettings]:
+        """Every stage's settings: its own < call-wide settings < ``stage_overrides[k]``; all are built (and so
+        checked) before any stage samples."""
+        n, overrides = len(self.stages), dict(stage_overrides or {})
+        for k, override in overrides.items():
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
+                raise ValueError(f"stage_overrides: stage {k!r} does not exist; expected stage indices in [0, {n - 1}]")
+            if not isinstance(override, (Mapping, SamplerSettings)):
+                raise TypeError(f"stage_overrides[{k}]: expected a dict of SamplerSettings fields or a "
+                                f"SamplerSettings, got {type(override).__name__}")
+        resolved = []
+        for k, st in enumerate(self.stages):
+            override = overrides.get(k, {})
+            try:
+                resolved.append(override if isinstance(override, SamplerSettings)
+                                else st.sampler.replace(**{**call_wide, **dict(override)}))
+            except (TypeError, ValueError) as error:
+                if not override:
+                    raise
+                raise (TypeError if isinstance(error, TypeError) else ValueError)(
+                    f"stage_overrides[{k}]: {error}") from None
+        return resolved
+
+    @staticmethod
+    def _base_seed(seed: Optional[int], images: int) -> Optional[int]:
+        """``seed`` checked: image ``i`` seeds a generator with ``seed + i``, which must stay below 2**63."""
+        seed = check_seed("seed", seed, optional=True)
+        if seed is not None and seed + images > _SEED_END:
+            raise ValueError(f"seed: expected an int <= 2**63 - {images} (image i draws from seed + i, for "
+                             f"{images} images), got {seed}")
+        return seed
 
     def _denoiser(self, k: int, net: nn.Module, settings: SamplerSettings, kwargs: dict):
         """The stage's denoiser with classifier-free guidance and thresholding wrapped around it."""
@@ -489,19 +443,23 @@ class Cascade(nn.Module):
         return images, masks
 
     def _prompt_conditioning(self, texts, text_embeds, text_mask, per_prompt: int) -> tuple[int, dict]:
-        """The number of prompts and the nets' text keyword arguments with one row per image."""
-        if not isinstance(per_prompt, int) or per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt: expected a positive int, got {per_prompt!r}")
-        if isinstance(texts, str):
-            texts = [texts]
-        prompts = len(texts) if texts is not None else (text_embeds.shape[0] if text_embeds is not None else 1)
-        embeds, mask = self.condition(prompts, texts, text_embeds, text_mask)
+        """The number of prompts (1 when unconditional) and the nets' text keyword arguments with one row per
+        image."""
+        embeds, mask = self.condition(None, texts, text_embeds, text_mask)
         if embeds is None:
-            return prompts, {}
-        return prompts, {"text_embeds": embeds.repeat_interleave(per_prompt, 0),
-                         "text_mask": mask.repeat_interleave(per_prompt, 0)}
+            return 1, {}
+        return embeds.shape[0], {"text_embeds": embeds.repeat_interleave(per_prompt, 0),
+                                 "text_mask": mask.repeat_interleave(per_prompt, 0)}
+
+    def _check_given_images(self, start: Optional[StartImages], inpaint: Optional[Inpainting]) -> None:
+        """The channels of the images given to start from or inpaint (their own checks ran when built)."""
+        for name, given in (("start.images", start and start.images), ("inpaint.images", inpaint and inpaint.images)):
+            if given is not None and given.shape[1] != self.channels:
+                raise ValueError(f"{name}: expected (B, {self.channels}, H, W) images (this cascade's channels), "
+                                 f"got shape {tuple(given.shape)}")
 
     @torch.no_grad()
+    @typechecked
     def sample(
         self, texts: Optional[Sequence[str]] = None, *, text_embeds: Optional[Tensor] = None,
         text_mask: Optional[Tensor] = None, num_images_per_prompt: int = 1, cond_scale: Optional[float] = None,
@@ -510,6 +468,7 @@ class Cascade(nn.Module):
         start: Optional[StartImages] = None, inpaint: Optional[Inpainting] = None, **settings: Any,
     ) -> Union[Tensor, list]:
         """Generate images, returned in [0, 1] as (B, C, H, W) (or a list of PIL images with ``return_pil``).
+        Every argument is checked before the first stage runs.
 
         Args:
             texts / text_embeds + text_mask: the prompts (B_p of them); omit both for an unconditional
@@ -520,7 +479,8 @@ class Cascade(nn.Module):
             stage_overrides: ``{stage: dict of SamplerSettings fields, or a SamplerSettings}`` for single stages,
                 over the call-wide settings.
             seed: image ``i`` draws all its noise from ``torch.Generator().manual_seed(seed + i)``, so it does
-                not depend on the batch it is drawn in; None draws a base seed from torch's global RNG.
+                not depend on the batch it is drawn in (``seed + i < 2**63``); None draws a base seed from torch's
+                global RNG.
             stop_at_stage: the last stage run (default: the last one).
             start: :class:`StartImages` to begin at a super-resolution stage from given images (default None).
             inpaint: :class:`Inpainting` images and masks, RePaint at every stage (default None).
@@ -531,18 +491,19 @@ class Cascade(nn.Module):
         last = self._stage_index(stop_at_stage, "stop_at_stage") if stop_at_stage is not None else len(self.stages) - 1
         if last < first:
             raise ValueError(f"stop_at_stage: expected >= the start stage {first}, got {last}")
-        call_wide = self._call_wide(cond_scale, settings)
-        n = num_images_per_prompt
+        stage_settings = self._settings(self._call_wide(cond_scale, settings), stage_overrides)
+        n = check_int("num_images_per_prompt", num_images_per_prompt, low=1)
+        self._check_given_images(start, inpaint)
         prompts, cond = self._prompt_conditioning(texts, text_embeds, text_mask, n)
-        base = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        seed = self._base_seed(seed, prompts * n)
+        base = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
         generators = [torch.Generator().manual_seed(base + i) for i in range(prompts * n)]
         prev = None
         if start is not None:
             prev = self._per_image(start.images, prompts, n, "start.images", self.device).float() * 2 - 1
         painting = None if inpaint is None else self._inpaint_inputs(inpaint, prompts, n)
         for k in range(first, last + 1):
-            settings_k = self._settings(k, call_wide, stage_overrides)
-            prev = self._sample_stage(k, settings_k, cond, prev, generators, painting, disable_progress)
+            prev = self._sample_stage(k, stage_settings[k], cond, prev, generators, painting, disable_progress)
         images = ((prev.clamp(-1, 1) + 1) / 2).float()
         if return_pil:
             from imagen_lib.images import to_pil

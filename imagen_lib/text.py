@@ -28,6 +28,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from imagen_lib.validation import check_int, check_texts, typechecked
+
 # the special tokens of a word-level vocabulary, with T5's ids (pad 0, end of sequence 1, unknown 2)
 WORD_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
@@ -85,8 +87,7 @@ class T5TextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoTokenizer, T5EncoderModel  # lazy: transformers is heavy
 
-        if int(max_length) < 1:
-            raise ValueError(f"max_length: expected a positive number of tokens, got {max_length}")
+        max_length = check_int("max_length", max_length, low=1)
         self.name_or_path, self.max_length, self.trainable = str(name_or_path), int(max_length), bool(trainable)
         self.source = dict(source) if source is not None else {"name_or_path": self.name_or_path}
         torch_dtype = _resolve_dtype(dtype)
@@ -113,15 +114,14 @@ class T5TextEncoder(nn.Module):
         drawn under ``seed`` (same seed, same weights on every process), saved with ``save_pretrained`` into
         ``folder`` (a temporary folder, removed after loading, when None) and loaded back from there.
         """
-        from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+        from transformers import ByT5Tokenizer, T5EncoderModel
 
+        seed, max_length = check_int("seed", seed), check_int("max_length", max_length, low=1)
         options = {**TINY_T5_DEFAULTS, **t5_config}
         tokenizer = ByT5Tokenizer() if vocabulary is None else word_tokenizer(vocabulary)
-        config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                          **options)
+        config = _tiny_t5_config(tokenizer, options)
         with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
-            torch.manual_seed(int(seed))
+            torch.manual_seed(seed)
             model = T5EncoderModel(config)
         target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="imagen_lib_t5_"))
         try:
@@ -171,16 +171,14 @@ class T5TextEncoder(nn.Module):
     # ----------------------------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Token ids and bool mask (B, max_length) on the encoder's device."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts: expected a list of strings")
-        if len(texts) == 0:
-            raise ValueError("texts: expected at least one caption")
+        """Token ids and bool mask (B, max_length) on the encoder's device, for a non-empty list of strings."""
+        texts = check_texts("texts", texts)
         tokens = self.tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device).bool()
 
+    @typechecked
     def encode(self, texts: Sequence[str], model: Optional[nn.Module] = None) -> tuple[Tensor, Tensor]:
         """``(embeds, mask)`` for a list of captions, encoded as one batch.
 
@@ -205,6 +203,29 @@ class T5TextEncoder(nn.Module):
     def __repr__(self) -> str:
         return (f"T5TextEncoder({self.name_or_path!r}, max_length={self.max_length}, "
                 f"embed_dim={self.embed_dim}, trainable={self.trainable})")
+
+
+# T5Config fields that count something: a zero or negative value builds no model
+_T5_SIZES = ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+             "relative_attention_max_distance")
+
+
+def _tiny_t5_config(tokenizer, options: dict):
+    """The ``T5Config`` of :meth:`T5TextEncoder.build_tiny`, its options checked: known fields only, sizes >= 1
+    (errors name the field as ``t5_config.NAME``)."""
+    from transformers import T5Config
+
+    known = T5Config().to_dict()
+    for name, value in options.items():
+        if name not in known:
+            raise ValueError(f"t5_config.{name}: not a T5Config field (e.g. {', '.join(TINY_T5_DEFAULTS)})")
+        if name in _T5_SIZES:
+            check_int(f"t5_config.{name}", value, low=1)
+    try:
+        return T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id, **options)
+    except Exception as error:  # transformers' own field checks raise their own exception types
+        raise ValueError(f"t5_config: {error}") from error
 
 
 @torch.no_grad()

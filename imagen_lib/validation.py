@@ -5,18 +5,31 @@ Each check returns the value in the form the caller uses (a plain ``int``/``floa
 site reads ``lr = check_number("lr", lr, low=0, low_open=True)``. Errors are ``TypeError`` for a value of the
 wrong kind and ``ValueError`` for one of the right kind out of range; both name the argument first
 (``"lr: expected a finite number > 0, got -1"``).
+
+Types are checked by beartype: :func:`typechecked` decorates a public function, :func:`check_field_types` checks a
+dataclass's fields after its own checks; a violation is an :class:`ArgumentTypeError`, a ``TypeError`` whose
+message starts with the argument's name too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from typing import Any, Optional
+import re
+import typing
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
+from beartype import BeartypeConf, beartype
+from beartype.door import is_bearable
 from torch import Tensor
 
-__all__ = ["check_int", "check_number", "check_finite", "check_images", "check_bool_mask", "check_seed"]
+__all__ = [
+    "ArgumentTypeError", "check_bool_mask", "check_embeddings", "check_field_types", "check_finite", "check_images",
+    "check_int", "check_number", "check_seed", "check_stage", "check_texts", "typechecked",
+]
 
 _SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit value
 
@@ -53,9 +66,11 @@ def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optiona
 
 
 def check_number(name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
-                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> Optional[float]:
+                 low_open: bool = False, high_open: bool = False, optional: bool = False,
+                 allow_inf: bool = False) -> Optional[float]:
     """``value`` as a finite ``float`` within the bounds (``low_open``/``high_open``: the bound itself is
-    excluded); None passes when ``optional``. A 0-d tensor counts as a number."""
+    excluded); None passes when ``optional``, an infinite value when ``allow_inf`` (NaN never). A 0-d tensor
+    counts as a number."""
     if value is None and optional:
         return None
     if isinstance(value, Tensor) and value.ndim == 0 and not value.dtype == torch.bool:
@@ -64,8 +79,8 @@ def check_number(name: str, value: Any, *, low: Optional[float] = None, high: Op
         raise TypeError(f"{name}: expected a number, got {_describe(value)}")
     value = float(value)
     bounds = _bound_text(low, high, low_open, high_open)
-    expected = f"a finite number{' ' + bounds if bounds else ''}"
-    if not math.isfinite(value):
+    expected = f"{'a number' if allow_inf else 'a finite number'}{' ' + bounds if bounds else ''}"
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
         raise ValueError(f"{name}: expected {expected}, got {value}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
@@ -126,3 +141,72 @@ def check_bool_mask(name: str, mask: Any, *, ndims: tuple[int, ...], meaning: st
     if mask.ndim not in ndims or 0 in mask.shape:
         raise ValueError(f"{text}; got shape {tuple(mask.shape)}")
     return mask
+
+
+def check_stage(name: str, value: Any, count: int) -> int:
+    """A stage index of a cascade of ``count`` stages (negative ones count from the end), as ``0..count-1``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a stage index in [0, {count - 1}], got {_describe(value)}")
+    if not -count <= value < count:
+        raise ValueError(f"{name}: expected a stage index in [0, {count - 1}], got {value!r}")
+    return int(value) % count
+
+
+def check_texts(name: str, texts: Any) -> list[str]:
+    """A non-empty list (or other sequence) of strings, as a list."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"{name}: expected a non-empty list of strings, got {_describe(texts)}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}: expected a list of strings, got {_describe(text)} at index {i}")
+    if len(texts) == 0:
+        raise ValueError(f"{name}: expected a non-empty list of strings, got an empty one")
+    return list(texts)
+
+
+def check_embeddings(name: str, embeds: Any, *, width: Optional[int] = None) -> Tensor:
+    """Token embeddings: a non-empty floating (B, N, ``width``) tensor with finite values."""
+    shape = f"(B, N, {width if width is not None else 'D'})"
+    if not isinstance(embeds, Tensor):
+        raise TypeError(f"{name}: expected a float {shape} tensor, got {type(embeds).__name__}")
+    if not embeds.is_floating_point():
+        raise TypeError(f"{name}: expected a float {shape} tensor, got dtype {embeds.dtype}")
+    if embeds.ndim != 3 or 0 in embeds.shape or (width is not None and embeds.shape[-1] != width):
+        raise ValueError(f"{name}: expected a non-empty {shape} tensor, got shape {tuple(embeds.shape)}")
+    return check_finite(name, embeds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# types, by beartype
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ArgumentTypeError(TypeError):
+    """An argument whose type does not fit the hint of a :func:`typechecked` function (or a field of
+    :func:`check_field_types`); its message starts with the argument's name, as every check's here does."""
+
+    def __init__(self, message: str = "", *args: Any, **kwargs: Any):  # beartype adds culprits=...
+        found = re.search(r"parameter (\w+)=", message)
+        super().__init__(f"{found.group(1)}: {message}" if found else message)
+
+
+# a violation raises ArgumentTypeError; an int is accepted where a float is expected (PEP 484's numeric tower)
+_TYPE_CHECKS = BeartypeConf(violation_param_type=ArgumentTypeError, is_pep484_tower=True)
+
+F = TypeVar("F", bound=Callable)
+
+
+def typechecked(func: F) -> F:
+    """``func`` with its arguments checked against its type hints by beartype on every call; a violation is an
+    :class:`ArgumentTypeError` (a ``TypeError``) that names the parameter."""
+    return beartype(conf=_TYPE_CHECKS)(func)
+
+
+def check_field_types(obj: Any) -> None:
+    """Every field of the dataclass instance ``obj`` checked against its type hint (beartype), after the
+    class's own checks (whose messages say more) have run."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not is_bearable(value, hints[f.name], conf=_TYPE_CHECKS):
+            raise ArgumentTypeError(f"{f.name}: expected {hints[f.name]}, got {_describe(value)}")

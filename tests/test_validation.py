@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
 
-from imagen_lib.validation import check_bool_mask, check_finite, check_images, check_int, check_number, check_seed
+from imagen_lib.validation import (
+    ArgumentTypeError,
+    check_bool_mask,
+    check_embeddings,
+    check_field_types,
+    check_finite,
+    check_images,
+    check_int,
+    check_number,
+    check_seed,
+    check_stage,
+    check_texts,
+    typechecked,
+)
 
 
 @pytest.mark.parametrize("value, expected", [(3, 3), (3.0, 3), (1e3, 1000), (torch.tensor(5).item(), 5)])
@@ -79,3 +94,66 @@ def test_check_bool_mask():
         check_bool_mask("masks", m.float(), ndims=(2, 3, 4), meaning="True = keep")
     with pytest.raises(ValueError, match=r"got shape \(1, 1, 1, 8, 8\)"):
         check_bool_mask("masks", m[None, None, None], ndims=(2, 3, 4))
+
+
+def test_check_number_allow_inf_still_refuses_nan():
+    assert check_number("S_tmax", math.inf, low=0, allow_inf=True) == math.inf
+    with pytest.raises(ValueError, match=r"^S_tmax: expected a number >= 0, got nan"):
+        check_number("S_tmax", math.nan, low=0, allow_inf=True)
+    with pytest.raises(ValueError, match=r"^S_tmax: expected a number >= 0, got -inf"):
+        check_number("S_tmax", -math.inf, low=0, allow_inf=True)
+
+
+def test_check_stage_counts_from_the_end():
+    assert check_stage("stage", -1, 3) == 2 and check_stage("stage", 1, 3) == 1
+    with pytest.raises(ValueError, match=r"^stop_at_stage: expected a stage index in \[0, 2\], got 3"):
+        check_stage("stop_at_stage", 3, 3)
+    for bad in (True, 1.0, "1", None):
+        with pytest.raises(TypeError, match=r"^stage: expected a stage index"):
+            check_stage("stage", bad, 3)
+
+
+def test_check_texts():
+    assert check_texts("texts", ("a", "b")) == ["a", "b"]
+    with pytest.raises(TypeError, match=r"^texts: expected a non-empty list of strings, got 'a'"):
+        check_texts("texts", "a")
+    with pytest.raises(TypeError, match=r"^texts: expected a list of strings, got 3 at index 1"):
+        check_texts("texts", ["a", 3])
+    with pytest.raises(ValueError, match=r"^texts: .*got an empty one"):
+        check_texts("texts", [])
+
+
+def test_check_embeddings():
+    e = torch.zeros(2, 4, 8)
+    assert check_embeddings("text_embeds", e, width=8) is e
+    with pytest.raises(ValueError, match=r"^text_embeds: expected a non-empty \(B, N, 8\) tensor, got shape \(2, 4, "):
+        check_embeddings("text_embeds", torch.zeros(2, 4, 7), width=8)
+    with pytest.raises(TypeError, match=r"^text_embeds: expected a float \(B, N, D\) tensor, got dtype torch.int64"):
+        check_embeddings("text_embeds", torch.zeros(2, 4, 8, dtype=torch.long))
+    e[0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match=r"^text_embeds: expected finite values"):
+        check_embeddings("text_embeds", e)
+
+
+def test_typechecked_raises_a_type_error_that_names_the_parameter():
+    @typechecked
+    def scale(x: torch.Tensor, factor: float = 1.0, seed: Optional[int] = None) -> torch.Tensor:
+        return x * factor
+
+    assert scale(torch.ones(1), 2).item() == 2.0  # an int where a float is expected: PEP 484's numeric tower
+    with pytest.raises(TypeError, match=r"^seed: .*parameter seed='1' violates type hint") as raised:
+        scale(torch.ones(1), seed="1")
+    assert isinstance(raised.value, ArgumentTypeError)
+    with pytest.raises(ArgumentTypeError, match=r"^x: "):
+        scale([1.0])
+
+
+def test_check_field_types_after_the_classes_own_checks():
+    @dataclass
+    class Options:
+        steps: Optional[int] = None
+        names: list = None
+
+    check_field_types(Options(steps=3, names=[]))
+    with pytest.raises(ArgumentTypeError, match=r"^steps: expected .*int.*, got '3'"):
+        check_field_types(Options(steps="3", names=[]))

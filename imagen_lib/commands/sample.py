@@ -61,6 +61,18 @@ def attach_encoder(cascade, args: argparse.Namespace, device):
     return cascade.using(text_encoder=encoder.eval())
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The numeric options, checked before the checkpoint is loaded (errors name the option)."""
+    from imagen_lib.validation import check_int, check_number, check_seed
+
+    check_int("--num-images-per-prompt", args.num_images_per_prompt, low=1)
+    check_int("--batch-size", args.batch_size, low=1)
+    check_int("--steps", args.steps, low=1, optional=True)
+    check_int("--max-length", args.max_length, low=1)
+    check_number("--cond-scale", args.cond_scale, optional=True)
+    check_seed("--seed", args.seed)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -68,9 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from imagen_lib.images import captioned_grid, save_png, to_pil
 
     prompts = read_prompts(args)
+    check_arguments(args)
     n = args.num_images_per_prompt
-    if n < 1 or args.batch_size < 1:
-        raise SystemExit("imagen-lib sample: --num-images-per-prompt and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
     cascade = attach_encoder(cascade, args, device)

@@ -8,10 +8,12 @@ checks what it reads: :func:`build_cascade` the whole configuration, the others 
 from __future__ import annotations
 
 import contextlib
+import re
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from imagen_lib.cascade import Cascade, Stage
-from imagen_lib.config.convert import ConfigError, from_dict, to_dict
+from imagen_lib.config.convert import ConfigError, field_names, from_dict, to_dict
 from imagen_lib.config.schema import (
     FolderData,
     NetworkBlock,
@@ -28,6 +30,7 @@ from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.nn import presets
 from imagen_lib.nn.networks import network_from_config
 from imagen_lib.training.trainer import TrainerSettings
+from imagen_lib.validation import check_seed
 
 Config = Union[dict, RunConfig]
 
@@ -45,8 +48,26 @@ def build_text_encoder(block: Union[None, dict, TextEncoderConfig]):
     te = block if isinstance(block, TextEncoderConfig) else from_dict(TextEncoderConfig, block, "text_encoder")
     if te.name_or_path is not None:
         return T5TextEncoder(te.name_or_path, max_length=te.max_length, dtype=te.dtype, trainable=te.trainable)
-    return T5TextEncoder.build_tiny(seed=te.seed, max_length=te.max_length, trainable=te.trainable,
-                                    vocabulary=_vocabulary(te.vocabulary), **te.build_tiny)
+    with _block_errors("text_encoder", keys=field_names(TextEncoderConfig), rename={"t5_config": "build_tiny"}):
+        return T5TextEncoder.build_tiny(seed=te.seed, max_length=te.max_length, trainable=te.trainable,
+                                        vocabulary=_vocabulary(te.vocabulary), **te.build_tiny)
+
+
+@contextlib.contextmanager
+def _block_errors(where: str, keys: Sequence[str] = (), rename: Optional[dict] = None):
+    """Errors of the objects a block builds, as :class:`ConfigError` that start with the block's dotted key:
+    ``where.KEY: ...`` when the message starts with one of the block's ``keys`` (after ``rename``, which maps an
+    argument's name to its key: ``t5_config`` -> ``build_tiny``), else ``where: ...``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        for name, key in (rename or {}).items():
+            message = re.sub(rf"^{name}\b", key, message)
+        first = re.split(r"[.:,]", message, maxsplit=1)[0]
+        raise ConfigError(f"{where}.{message}" if first in keys else f"{where}: {message}") from error
 
 
 def _vocabulary(value: Union[None, str, list[str]]) -> Optional[list[str]]:
@@ -79,12 +100,14 @@ def build_stage(block: StageConfig, k: int, text_embed_dim: Optional[int]) -> St
     """Stage ``k`` of the cascade (``lowres_cond`` for every stage after the first)."""
     net = build_network(block.network, text_embed_dim=text_embed_dim, lowres_cond=k > 0,
                         where=f"stages.{k}.network")
-    aug = block.lowres_aug
-    return Stage(
-        net=net, diffusion=diffusion_from_config(block.diffusion.kind, block.diffusion.config),
-        image_size=block.image_size, sampler=block.sampler, lowres_aug=NoiseAugmentation(**aug) if aug else None,
-        random_crop_size=block.random_crop_size,
-    )
+    aug, where = block.lowres_aug, f"stages.{k}"
+    with _block_errors(f"{where}.diffusion.config"):
+        diffusion = diffusion_from_config(block.diffusion.kind, block.diffusion.config)
+    with _block_errors(f"{where}.lowres_aug"):
+        lowres_aug = NoiseAugmentation(**aug) if aug else None
+    with _block_errors(where, keys=field_names(StageConfig)):
+        return Stage(net=net, diffusion=diffusion, image_size=block.image_size, sampler=block.sampler,
+                     lowres_aug=lowres_aug, random_crop_size=block.random_crop_size)
 
 
 def build_cascade(config: Config) -> Cascade:
@@ -148,8 +171,12 @@ def parallel_settings(config: Config) -> Optional[dict]:
 
 
 def sample_settings(config: Config) -> dict:
-    """``{"prompts", "seed", "num_images_per_prompt"}`` of the ``sample`` block."""
-    return to_dict(parse_block(config, "sample"))
+    """``{"prompts", "seed", "num_images_per_prompt"}`` of the ``sample`` block (the seed checked as
+    :meth:`~imagen_lib.cascade.Cascade.sample` checks it: an int in [0, 2**63))."""
+    settings = to_dict(parse_block(config, "sample"))
+    with _block_errors("sample", keys=["seed"]):
+        check_seed("seed", settings["seed"])
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,7 +225,8 @@ def build_dataset(config: Config, image_size: int) -> tuple[Any, int]:
     if kind == "shapes":
         from imagen_lib.data.shapes import ShapesDataset
 
-        return ShapesDataset(image_size=image_size, **options), num_workers
+        with _data_errors(kind):
+            return ShapesDataset(image_size=image_size, **options), num_workers
     has_encoder = parse_block(config, "text_encoder") is not None
     if not has_encoder and parse_block(config, "sample").prompts:
         raise ValueError(

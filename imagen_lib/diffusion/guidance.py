@@ -13,6 +13,10 @@ from torch import Tensor
 
 from imagen_lib.diffusion.noise import Generator, randn
 from imagen_lib.protocols import Denoiser
+from imagen_lib.validation import check_finite, check_int, check_number
+
+# the options of :func:`inpaint` itself (the rest go to the sampler)
+INPAINT_OPTIONS = ("resample_times", "jump_length")
 
 # torch.quantile refuses inputs above 2**24 elements; larger batches are thresholded row by row
 _QUANTILE_MAX = 2**24
@@ -37,7 +41,10 @@ def classifier_free_guidance(denoiser: Denoiser, cond_scale: float, rescale: flo
             x0 prediction is rescaled to the per-sample std of the conditional one and mixed in with this
             weight, which prevents over-saturation at high scales.
     """
-    if not 0.0 <= rescale <= 1.0:
+    if not callable(denoiser):
+        raise TypeError(f"denoiser: expected a callable denoiser(x, sigma), got {type(denoiser).__name__}")
+    check_number("cond_scale", cond_scale)
+    if check_number("rescale", rescale) is not None and not 0.0 <= rescale <= 1.0:
         raise ValueError(f"rescale: expected a value in [0, 1], got {rescale}")
 
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
@@ -62,10 +69,7 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995, max_value: Optional
     as DeepFloyd IF caps it), then ``clamp(x0, -s, s) / s``: values stay in [-1, 1] and saturated pixels
     are pushed inwards instead of clipped.
     """
-    if not 0.0 < percentile <= 1.0:
-        raise ValueError(f"percentile: expected a value in (0, 1], got {percentile}")
-    if max_value is not None and max_value < 1:
-        raise ValueError(f"max_value: expected None or a value >= 1, got {max_value}")
+    _check_threshold(percentile, max_value)
     flat = x0.detach().flatten(1).abs().float()
     if flat.numel() <= _QUANTILE_MAX:
         s = torch.quantile(flat, percentile, dim=1)
@@ -73,6 +77,13 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995, max_value: Optional
         s = torch.stack([torch.quantile(row, percentile) for row in flat])
     s = s.clamp(min=1.0, max=max_value).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def _check_threshold(percentile: float, max_value: Optional[float]) -> None:
+    if check_number("percentile", percentile) is not None and not 0.0 < percentile <= 1.0:
+        raise ValueError(f"percentile: expected a value in (0, 1], got {percentile}")
+    if max_value is not None and check_number("max_value", max_value) < 1:
+        raise ValueError(f"max_value: expected None or a value >= 1, got {max_value}")
 
 
 def static_threshold(x0: Tensor) -> Tensor:
@@ -85,6 +96,10 @@ def thresholded(
     max_value: Optional[float] = None,
 ) -> Denoiser:
     """Apply a thresholding ``method`` to the denoiser's output, so every sampler gets it."""
+    if not callable(denoiser):
+        raise TypeError(f"denoiser: expected a callable denoiser(x, sigma), got {type(denoiser).__name__}")
+    if method == "dynamic":
+        _check_threshold(percentile, max_value)  # now, not at the first step
     if method == "none":
         return denoiser
     if method == "static":
@@ -139,9 +154,11 @@ def inpaint(
     (a multistep sampler restarts its history in each chunk). The returned image holds ``images`` exactly
     where the mask is True.
     """
-    if resample_times < 1 or jump_length < 1:
-        raise ValueError(f"resample_times, jump_length: expected >= 1, got {resample_times}, {jump_length}")
-    images = images.to(x.device, x.dtype)
+    resample_times = check_int("resample_times", resample_times, low=1)
+    jump_length = check_int("jump_length", jump_length, low=1)
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images: expected a tensor of the shape of x {tuple(x.shape)}, got {type(images).__name__}")
+    images = check_finite("images", images.to(x.device, x.dtype))
     if images.shape != x.shape:
         raise ValueError(f"images: expected the shape of x {tuple(x.shape)}, got {tuple(images.shape)}")
     keep = _prepare_mask(masks, images)

@@ -28,9 +28,10 @@ Recommended settings (what the processes use by default):
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Sequence
-from typing import Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -38,8 +39,22 @@ from tqdm.auto import tqdm
 
 from imagen_lib.diffusion.noise import Generator, randn
 from imagen_lib.protocols import Denoiser
+from imagen_lib.validation import check_finite, check_number, typechecked
 
 Callback = Optional[Callable[[dict], None]]
+Sigmas = Union[Tensor, Sequence[float]]
+
+# the samplers' numeric options and what each accepts (``S_tmax`` may be infinite: churn at every level)
+_OPTION_BOUNDS: dict[str, dict[str, Any]] = {
+    "S_churn": {"low": 0}, "S_tmin": {"low": 0}, "S_tmax": {"low": 0, "allow_inf": True}, "S_noise": {"low": 0},
+    "eta": {"low": 0}, "s_noise": {"low": 0},
+}
+
+
+def _check_options(**options: Any) -> None:
+    """The samplers' numeric options, each checked against :data:`_OPTION_BOUNDS` (values are left as given)."""
+    for name, value in options.items():
+        check_number(name, value, **_OPTION_BOUNDS[name])
 
 
 def _grid(sigmas: Tensor | Sequence[float]) -> list[float]:
@@ -55,6 +70,7 @@ def _grid(sigmas: Tensor | Sequence[float]) -> list[float]:
 def _check_x(x: Tensor) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
         raise TypeError("x: expected a floating-point tensor with a batch dimension")
+    check_finite("x", x)
 
 
 def _den(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
@@ -81,8 +97,9 @@ def _churn(
 
 
 @torch.no_grad()
+@typechecked
 def sample_heun(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback: Callback = None,
+    denoiser: Denoiser, x: Tensor, sigmas: Sigmas, *, generator: Generator = None, callback: Callback = None,
     disable_progress: bool = True, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = float("inf"),
     S_noise: float = 1.0, second_order: bool = True,
 ) -> Tensor:
@@ -91,6 +108,7 @@ def sample_heun(
     Stochasticity: ``S_churn`` 0 (paper: 40-80 on ImageNet-64), ``S_tmin`` 0 (paper 0.05), ``S_tmax`` inf
     (paper 50), ``S_noise`` 1.0 (paper 1.003). The last step to sigma 0 is an Euler step.
     """
+    _check_options(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
     _check_x(x)
     grid = _grid(sigmas)
     n = len(grid) - 1
@@ -108,8 +126,9 @@ def sample_heun(
     return x
 
 
+@typechecked
 def sample_euler(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback: Callback = None,
+    denoiser: Denoiser, x: Tensor, sigmas: Sigmas, *, generator: Generator = None, callback: Callback = None,
     disable_progress: bool = True, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = float("inf"),
     S_noise: float = 1.0,
 ) -> Tensor:
@@ -124,8 +143,9 @@ def sample_euler(
 
 
 @torch.no_grad()
+@typechecked
 def sample_ddim(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback: Callback = None,
+    denoiser: Denoiser, x: Tensor, sigmas: Sigmas, *, generator: Generator = None, callback: Callback = None,
     disable_progress: bool = True, eta: float = 0.0, s_noise: float = 1.0,
 ) -> Tensor:
     """DDIM (Song et al. 2021) written in sigma: ``eta`` 0 (default) is deterministic, 1 is DDPM ancestral.
@@ -134,6 +154,7 @@ def sample_ddim(
     ``x0_hat + (sigma_next / sigma)^2 (x - x0_hat)`` and std ``sigma_next sqrt(1 - (sigma_next / sigma)^2)``;
     DDIM keeps ``eta`` times that std and puts the rest of ``sigma_next`` on the predicted noise direction.
     """
+    _check_options(eta=eta, s_noise=s_noise)
     return _ddim_steps(denoiser, x, sigmas, generator, callback, disable_progress, eta, s_noise, "ddim")
 
 
@@ -155,20 +176,23 @@ def _ddim_steps(denoiser, x, sigmas, generator, callback, disable_progress, eta,
     return x
 
 
+@typechecked
 def sample_euler_ancestral(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback: Callback = None,
+    denoiser: Denoiser, x: Tensor, sigmas: Sigmas, *, generator: Generator = None, callback: Callback = None,
     disable_progress: bool = True, eta: float = 1.0, s_noise: float = 1.0,
 ) -> Tensor:
     """The DDPM ancestral step (Ho et al. 2020) in sigma: sample the exact posterior given ``x0_hat``.
 
     ``eta`` 1.0 (default) is DDPM; smaller values interpolate towards DDIM. ``s_noise`` scales the fresh noise.
     """
+    _check_options(eta=eta, s_noise=s_noise)
     return _ddim_steps(denoiser, x, sigmas, generator, callback, disable_progress, eta, s_noise, "euler_ancestral")
 
 
 @torch.no_grad()
+@typechecked
 def sample_dpmpp_2m(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback: Callback = None,
+    denoiser: Denoiser, x: Tensor, sigmas: Sigmas, *, generator: Generator = None, callback: Callback = None,
     disable_progress: bool = True,
 ) -> Tensor:
     """DPM-Solver++(2M), the multistep 2nd-order data-prediction solver of Lu et al. 2022 (their Alg. 2).
@@ -211,3 +235,31 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
     if name not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {sorted(SAMPLERS)}, got {name!r}")
     return SAMPLERS[name]
+
+
+# set by the caller of a sampler (Cascade.sample: the per-image generators), not by a sampler's options
+_RESERVED_OPTIONS = ("denoiser", "x", "sigmas", "generator", "disable_progress")
+
+
+def sampler_options(sampler: Optional[str] = None) -> list[str]:
+    """The options a sampler takes (its keyword arguments besides the common ones); for ``None`` (a stage's
+    default sampler) those of any sampler."""
+    functions = [get_sampler(sampler)] if sampler is not None else list(SAMPLERS.values())
+    names = {name for fn in functions for name in inspect.signature(fn).parameters}
+    return sorted(names - set(_RESERVED_OPTIONS))
+
+
+def check_sampler_options(options: Any, sampler: Optional[str] = None, extra: Sequence[str] = ()) -> dict:
+    """``options`` (a mapping of sampler keyword arguments, e.g. ``{"eta": 0.5}``) checked: every name is an
+    option of ``sampler`` (:func:`sampler_options`) or in ``extra``, numeric options are in range. Errors
+    name the option as ``options.NAME``. Returns a copy; the values are left as given."""
+    if not isinstance(options, Mapping):
+        raise TypeError(f"options: expected a mapping of sampler options, got {type(options).__name__}")
+    allowed = sorted({*sampler_options(sampler), *extra})
+    for name, value in options.items():
+        if name not in allowed:
+            whose = f"the {sampler!r} sampler's" if sampler is not None else "a sampler's"
+            raise ValueError(f"options.{name}: not one of {whose} options {allowed}")
+        if name in _OPTION_BOUNDS:
+            check_number(f"options.{name}", value, **_OPTION_BOUNDS[name])
+    return dict(options)

@@ -1,0 +1,139 @@
+"""What :meth:`imagen_lib.cascade.Cascade.sample` is told besides the prompts: a stage's :class:`SamplerSettings`,
+:class:`StartImages` to begin at a super-resolution stage, :class:`Inpainting` images and masks; and
+:func:`resize`, the one way the cascade resizes images between stages.
+
+Each checks its values when it is built (issue 23), with :mod:`imagen_lib.validation`: a bad value fails there,
+with a message that names the field, not later inside a sampler. All are re-exported by
+:mod:`imagen_lib.cascade` and :mod:`imagen_lib`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from imagen_lib.diffusion.guidance import INPAINT_OPTIONS
+from imagen_lib.diffusion.samplers import check_sampler_options, get_sampler
+from imagen_lib.validation import (
+    check_bool_mask,
+    check_field_types,
+    check_images,
+    check_int,
+    check_number,
+)
+
+__all__ = ["Inpainting", "SamplerSettings", "StartImages", "resize"]
+
+THRESHOLDS = ("dynamic", "static", "none")
+
+
+@dataclass
+class SamplerSettings:
+    """How a stage samples; every field can be overridden per call.
+
+    Attributes:
+        sampler: a name in :data:`imagen_lib.diffusion.samplers.SAMPLERS`; None (default) = the diffusion process's
+            ``default_sampler`` (``dpmpp_2m``).
+        steps: sampling steps; None (default) = the process's ``default_steps`` (25).
+        cond_scale: classifier-free guidance weight, a finite number, default 3.0; 1.0 = no guidance (Imagen:
+            5-10, NeMo's ``cfg``). Ignored by stages without text conditioning.
+        guidance_rescale: CFG rescale of Lin et al. 2023 in [0, 1], default 0.0 (paper: 0.7).
+        threshold: ``"dynamic"`` (default, Imagen's), ``"static"`` (clip x0 to [-1, 1]) or ``"none"``.
+        threshold_percentile: dynamic thresholding percentile in (0, 1], default 0.995 (Imagen's).
+        threshold_max: optional cap (>= 1) on the dynamic threshold (DeepFloyd IF), default None.
+        lowres_aug_level: noise-augmentation level in [0, 1] of the low-resolution input of a super-resolution
+            stage while sampling; None (default) = the stage's ``lowres_aug.sample_level`` (0.2).
+        options: extra keyword arguments of the sampler (``S_churn``, ``eta``, ...) or of RePaint inpainting
+            (``resample_times``, ``jump_length``), default none; names and values are checked.
+    """
+
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    cond_scale: float = 3.0
+    guidance_rescale: float = 0.0
+    threshold: Literal["dynamic", "static", "none"] = "dynamic"
+    threshold_percentile: float = 0.995
+    threshold_max: Optional[float] = None
+    lowres_aug_level: Optional[float] = None
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.sampler is not None:
+            if not isinstance(self.sampler, str):
+                raise TypeError(f"sampler: expected None or a sampler name, got {type(self.sampler).__name__}")
+            get_sampler(self.sampler)  # raises with the list of choices
+        if self.steps is not None:
+            self.steps = check_int("steps", self.steps, low=1)
+        if not isinstance(self.threshold, str) or self.threshold not in THRESHOLDS:
+            raise ValueError(f"threshold: expected 'dynamic', 'static' or 'none', got {self.threshold!r}")
+        self.cond_scale = check_number("cond_scale", self.cond_scale)
+        check_number("guidance_rescale", self.guidance_rescale, low=0, high=1)
+        check_number("threshold_percentile", self.threshold_percentile, low=0, high=1, low_open=True)
+        check_number("threshold_max", self.threshold_max, low=1, optional=True)
+        check_number("lowres_aug_level", self.lowres_aug_level, low=0, high=1, optional=True)
+        self.options = check_sampler_options(self.options, self.sampler, extra=INPAINT_OPTIONS)
+        check_field_types(self)
+
+    @property
+    def config(self) -> dict:
+        """Plain JSON values; ``SamplerSettings(**settings.config)`` rebuilds it."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "SamplerSettings":
+        """A copy with some fields changed (unknown names raise)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"sampler settings: unknown field(s) {unknown}; expected some of {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Resize (B, C, H, W) to (B, C, size, size): bilinear, antialiased when shrinking."""
+    if images.shape[-2:] == (size, size):
+        return images
+    shrinking = size < images.shape[-1] or size < images.shape[-2]
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def _check_given_images(images: Any) -> None:
+    """Images a user gives to sample from: (B, C, H, W), finite, in [0, 1] (with a hint for [0, 255])."""
+    if images is None:
+        raise ValueError("images: missing; expected a (B, C, H, W) tensor in [0, 1]")
+    check_images("images", images, value_range=(0, 1))
+
+
+@dataclass(frozen=True)
+class StartImages:
+    """Begin sampling at a super-resolution ``stage`` (default 1) from your own ``images``: (B, C, H, W) in
+    [0, 1], one per prompt or one per image, any size (each stage resizes its input)."""
+
+    images: Tensor
+    stage: int = 1
+
+    def __post_init__(self):
+        _check_given_images(self.images)
+        if isinstance(self.stage, bool) or not isinstance(self.stage, int) or self.stage < 1:
+            raise ValueError(f"stage: expected a super-resolution stage index (1 or more), got {self.stage!r}")
+        check_field_types(self)
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """RePaint inpainting at every stage: ``images`` (B, C, H, W) in [0, 1], one per prompt or one per image,
+    and bool ``masks`` (H, W), (B, H, W) or (B, 1, H, W), True = keep that pixel of ``images``."""
+
+    images: Tensor
+    masks: Tensor
+
+    def __post_init__(self):
+        _check_given_images(self.images)
+        masks = check_bool_mask("masks", self.masks, ndims=(2, 3, 4), meaning="(H, W), (B, H, W) or (B, 1, H, W), "
+                                "True = keep")
+        if masks.ndim == 4 and masks.shape[1] not in (1, self.images.shape[1]):
+            raise ValueError(f"masks: expected (B, 1, H, W) with one channel, got shape {tuple(masks.shape)}")
+        check_field_types(self)
