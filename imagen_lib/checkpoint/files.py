@@ -96,7 +96,8 @@ def decode_safetensors(data: bytes, where: str) -> dict[str, Tensor]:
     """The tensors of a safetensors file's bytes; ``where`` ("stage0.safetensors in CKPT") names it in errors."""
     from safetensors.torch import load as load_safetensors
 
-    problem = safetensors_problem(data[: 8 + _MAX_HEADER], len(data))
+    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    problem = safetensors_problem(data[: 8 + min(length, _MAX_HEADER)], len(data))
     if problem is not None:
         raise ValueError(f"{where} {problem}")
     try:

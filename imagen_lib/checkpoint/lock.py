@@ -87,7 +87,8 @@ class RunLock:
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
+        held, named = os.fstat(fd), os.stat(path)
+        return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
     except FileNotFoundError:
         return False
 
