@@ -16,21 +16,19 @@ import numbers
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 from torch import Tensor
 
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.training.data_order import DataPosition
 
-if TYPE_CHECKING:
-    from imagen_lib.training.trainer import Trainer
-
 PathLike = Union[str, Path]
 
 
-def trainer_state(trainer: Trainer) -> tuple[dict[str, Tensor], dict]:
-    """(``trainer.safetensors``'s tensors, ``trainer.json``'s values) of ``trainer``."""
+def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict]:
+    """(``trainer.safetensors``'s tensors, ``trainer.json``'s values) of ``trainer`` (a
+    :class:`~imagen_lib.training.trainer.Trainer`, not imported here: it imports this module)."""
     tensors: dict[str, Tensor] = {}
     state = {
         "run_id": trainer.run_id, "steps": trainer.steps, "horizons": trainer.horizons,
@@ -121,7 +119,7 @@ def check_stage_configs(saved: dict, mine: dict, path: PathLike) -> None:
                           stacklevel=3)
 
 
-def load_stage(trainer: Trainer, path: PathLike, k: int, state: dict, tensors: dict) -> None:
+def load_stage(trainer: Any, path: PathLike, k: int, state: dict, tensors: dict) -> None:
     """Stage ``k``'s weights, EMA, optimizer state, step count, horizon, data position and non-finite counts
     from a checkpoint (``state``: checked by :func:`check_trainer_json`)."""
     st = trainer.stages[k]
