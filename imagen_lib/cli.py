@@ -89,9 +89,18 @@ def entry_point(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             raise
         command = f" {argv[0]}" if argv and argv[0] in COMMANDS else ""
-        print(f"imagen-lib{command}: error: {err}\n(--debug or IMAGEN_LIB_DEBUG=1 shows the traceback)",
+        print(f"imagen-lib{command}: error: {_one_line(err)}\n(--debug or IMAGEN_LIB_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message; one raised in a DataLoader worker arrives wrapped with the worker's traceback
+    ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."): its last line is the message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 if __name__ == "__main__":

@@ -48,10 +48,7 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(stages=args.stages, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
                          save_every=args.save_every, keep_last=args.keep_last, extend=args.extend,
                          sample_every=args.sample_every, progress=not args.no_progress)
-    try:
-        result = train_stages(trainer, config, out, options)
-    except (FileExistsError, FileNotFoundError) as err:
-        raise SystemExit(f"imagen-lib train: {err}; pass --resume, --overwrite or another --out") from None
+    result = train_stages(trainer, config, out, options)  # its errors name what to pass (--resume, --overwrite)
     if trainer.is_main_process:
         prompt = result.prompts[0] if result.prompts else "a caption"
         print(f"checkpoint: {result.checkpoint}")

@@ -260,11 +260,13 @@ def _open_checkpoint(trainer: Trainer, checkpoint: Path, options: RunOptions) ->
     """Load ``checkpoint`` when the options say to resume; returns whether it did."""
     exists = ckpt.is_checkpoint(checkpoint)
     if options.resume and not exists:
-        raise FileNotFoundError(f"resume: there is no checkpoint at {checkpoint} to continue from")
+        raise FileNotFoundError(f"resume: there is no checkpoint at {checkpoint} to continue from (start without "
+                                "--resume)")
     if exists and options.resume is False:
         if options.overwrite:
             return False
-        raise FileExistsError(f"out: {checkpoint} already holds a checkpoint; resume from it or overwrite it")
+        raise FileExistsError(f"out: {checkpoint} already holds a checkpoint; resume from it (--resume), replace "
+                              f"it (--overwrite) or choose another output folder (--out)")
     if exists:
         trainer.load(checkpoint)  # weights, EMA, optimizer, schedule, step counts and RNG
         if trainer.is_main_process:
