@@ -19,7 +19,7 @@ from imagen_lib.diffusion import DIFFUSIONS
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.nn import presets
 from imagen_lib.training.settings import TrainerSettings
-from imagen_lib.validation import check_number
+from imagen_lib.validation import check_number, check_seed
 
 
 def _at_least(name: str, value: Optional[int], low: int, what: str = "an int") -> None:
@@ -61,6 +61,7 @@ class TextEncoderConfig:
         if isinstance(self.vocabulary, str) and self.vocabulary != "shapes" or self.vocabulary == []:
             raise ValueError(f"vocabulary: expected 'shapes' or a list of words, got {self.vocabulary!r}")
         _at_least("max_length", self.max_length, 1)
+        check_seed("seed", self.seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,6 +166,7 @@ class ShapesData:
 
     def __post_init__(self):
         _at_least("num_workers", self.num_workers, 0)
+        check_seed("seed", self.seed)
 
 
 @dataclass(kw_only=True)
@@ -187,6 +189,7 @@ class FolderData:
     def __post_init__(self):
         _at_least("num_workers", self.num_workers, 0)
         check_number("max_bad_share", self.max_bad_share, low=0.0, high=1.0)
+        check_seed("seed", self.seed)
 
 
 @dataclass(kw_only=True)
@@ -209,6 +212,7 @@ class ShardsData:
     def __post_init__(self):
         _at_least("num_workers", self.num_workers, 0)
         check_number("max_bad_share", self.max_bad_share, low=0.0, high=1.0)
+        check_seed("seed", self.seed)
 
 
 DataConfig = Union[ShapesData, FolderData, ShardsData]
@@ -234,6 +238,7 @@ class SampleConfig:
 
     def __post_init__(self):
         _at_least("num_images_per_prompt", self.num_images_per_prompt, 1)
+        check_seed("seed", self.seed)
 
 
 @dataclass
@@ -280,6 +285,7 @@ class RunConfig:
     def __post_init__(self):
         if not self.stages:
             raise ValueError("stages: expected a non-empty list of stage blocks")
+        check_seed("seed", self.seed, optional=True)
         self.parallel_stages = _parallel(self.parallel_stages)
 
 
