@@ -5,6 +5,7 @@ every stage's data is checked before the first step, and trainer.json's values a
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_a_run_with_skipped_steps_killed_and_resumed_equals_an_uninterrupted_one
     position = first.stages[0].data
     assert position.batches == 4 + first.stages[0].skipped and position.epoch * 6 + position.batch == position.batches
     first.save(tmp_path / "checkpoint")
-    saved = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
+    saved = ckpt.read_json(tmp_path / "checkpoint", "trainer")
     assert saved["data"][0] == position.as_dict() and saved["nonfinite"][0]["skipped"] == first.stages[0].skipped
     torch.manual_seed(123)  # the new process's own state: load restores the run's
     resumed = Trainer(tiny_cascade(seed=1), **SETTINGS).load(tmp_path / "checkpoint")
@@ -234,12 +235,13 @@ def test_trainer_json_values_are_checked_on_load(saved, tmp_path, key, value, me
 
     folder = tmp_path / "checkpoint"
     shutil.copytree(saved, folder)
-    state = json.loads((folder / "trainer.json").read_text())
+    version = Path(ckpt.resolve(folder))  # the committed version's files
+    state = json.loads((version / "trainer.json").read_text())
     if value is None:
         del state[key]
     else:
         state[key] = value
-    (folder / "trainer.json").write_text(json.dumps(state))
+    (version / "trainer.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match=f"trainer.json: {message}"):
         Trainer(tiny_cascade(), lr=1e-3).load(folder)
 
@@ -249,10 +251,11 @@ def test_an_old_trainer_json_without_positions_resumes_at_its_step_count(saved, 
 
     folder = tmp_path / "checkpoint"
     shutil.copytree(saved, folder)
-    state = json.loads((folder / "trainer.json").read_text())
+    version = Path(ckpt.resolve(folder))  # the committed version's files
+    state = json.loads((version / "trainer.json").read_text())
     state["steps"] = [5, 0]
     del state["data"], state["nonfinite"]
-    (folder / "trainer.json").write_text(json.dumps(state))
+    (version / "trainer.json").write_text(json.dumps(state))
     trainer = Trainer(tiny_cascade(), lr=1e-3).load(folder)
     assert trainer.stages[0].data == DataPosition(0, 5, 5) and trainer.stages[0].skipped == 0
 
@@ -262,8 +265,9 @@ def test_a_stage_saved_at_another_image_size_warns(saved, tmp_path):
 
     folder = tmp_path / "checkpoint"
     shutil.copytree(saved, folder)
-    config = json.loads((folder / "config.json").read_text())
+    version = Path(ckpt.resolve(folder))  # the committed version's files
+    config = json.loads((version / "config.json").read_text())
     config["stages"][1]["image_size"] = 32
-    (folder / "config.json").write_text(json.dumps(config))
+    (version / "config.json").write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="stage 1 of checkpoint .* was trained at image_size 32, this trainer's"):
         Trainer(tiny_cascade(), lr=1e-3).load(folder)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import os
 import time
 import uuid
@@ -256,6 +255,9 @@ class Trainer:
         k = self._index(stage)
         acc, state = self.accelerator, self.stages[k]
         batch, size = self._normalise_batch(batch)
+        if not self._images_finite(batch["images"]):  # Cascade.forward would refuse them: the guard skips the batch
+            self._skip_step(k, state, "the batch's images hold NaN or infinite values")
+            return float("nan")
         if not (self.cascade.training and self.cascade.stages[k].net.training):
             self.cascade.train()  # once after sampling or validation, not every step (it walks every module)
         wrapped = [state.wrapper] + ([self.text_wrapper] if self.train_text else [])
@@ -273,12 +275,19 @@ class Trainer:
         self._optimizer_step(k, state, total)
         return float(total)
 
+    def _images_finite(self, images: Any) -> bool:
+        """Whether a batch's images are finite on every process (the same decision everywhere); anything that is
+        not a non-empty tensor passes here and meets Cascade.forward's checks."""
+        if not isinstance(images, Tensor) or images.numel() == 0:
+            return True
+        return nonfinite.is_finite(self.accelerator, images.detach().float().abs().amax(), None)
+
     def _optimizer_step(self, k: int, state: StageState, loss: Tensor) -> None:
         """Clip, check (the non-finite guard) and step; a non-finite loss or gradient skips the step."""
         opt = state.optimizer
         self._set_lr(state)
         if self.scaler is not None and not nonfinite.is_finite(self.accelerator, loss, None):
-            return self._skip_step(k, state, loss)  # before the scaler sees these gradients
+            return self._skip_step(k, state, _not_finite(loss))  # before the scaler sees these gradients
         params = [p for group in opt.param_groups for p in group["params"]]
         norm = None
         if self.settings.max_grad_norm is not None:
@@ -289,7 +298,7 @@ class Trainer:
             norm = nonfinite.total_grad_norm(params)
         # with fp16 the scaler skips overflowed gradients itself; without it, a non-finite norm skips here
         if self.scaler is None and not nonfinite.is_finite(self.accelerator, loss, norm):
-            return self._skip_step(k, state, loss)
+            return self._skip_step(k, state, _not_finite(loss))
         state.skipped_in_a_row = 0
         if self.scaler is None:
             opt.step()
@@ -302,14 +311,14 @@ class Trainer:
         if self.text_ema is not None:
             self.text_ema.update()
 
-    def _skip_step(self, k: int, state: StageState, loss: Tensor) -> None:
+    def _skip_step(self, k: int, state: StageState, reason: str) -> None:
         """The non-finite guard's skip: gradients dropped, nothing else touched; counted, warned and logged;
         after ``max_nonfinite_steps`` in a row, :class:`NonFiniteLossError`."""
         state.optimizer.zero_grad(set_to_none=True)
         state.skipped += 1
         state.skipped_in_a_row += 1
-        warnings.warn(f"stage {k}, step {state.step}: the loss ({float(loss):g}) or a gradient is not finite; the "
-                      f"step is skipped ({state.skipped_in_a_row} in a row, {state.skipped} in all)",
+        warnings.warn(f"stage {k}, step {state.step}: {reason}; the step is skipped ({state.skipped_in_a_row} in a "
+                      f"row, {state.skipped} in all)",
                       nonfinite.NonFiniteStepWarning, stacklevel=4)  # train_step's caller
         self.accelerator.log({f"stage{k}/nonfinite_steps": state.skipped}, step=state.step)
         if state.skipped_in_a_row >= self.settings.max_nonfinite_steps:
@@ -501,10 +510,8 @@ class Trainer:
         return self._saved_state == (str(path), self._positions())
 
     def _version_options(self) -> dict:
-        """``keep_last`` and ``label`` for a checkpoint writer that keeps versions (passed when it takes them)."""
-        accepted = inspect.signature(write_cascade_checkpoint).parameters
-        options = {"keep_last": self.settings.keep_last, "label": "step-" + "-".join(f"{s:06d}" for s in self.steps)}
-        return {name: value for name, value in options.items() if name in accepted}
+        """``keep_last`` versions kept, and the new version labelled with each stage's step count."""
+        return {"keep_last": self.settings.keep_last, "label": "step-" + "-".join(f"{s:06d}" for s in self.steps)}
 
     def load(self, path: Union[str, Path], *, stages: Optional[Sequence[int]] = None) -> "Trainer":
         """Restore everything :meth:`save` wrote, so training resumes where it stopped (call on every process).
@@ -514,6 +521,7 @@ class Trainer:
         (other stages, RNG) stays as it is. ``trainer.json``'s values are checked (an error names the key); a
         stage saved at another image size than this trainer's warns.
         """
+        given, path = path, ckpt.resolve(path)  # one committed version read throughout, whatever a save does meanwhile
         trainer_state.check_stage_configs(ckpt.read_config(path), self.cascade.config, path)
         partial = stages is not None
         chosen = sorted({self._index(k) for k in stages}) if partial else range(self.num_stages)
@@ -524,18 +532,23 @@ class Trainer:
         if partial:
             return self
         if self.train_text:
-            self.cascade.text_encoder.model.load_state_dict(ckpt.read_tensors(path, "text_encoder", self.device))
-            self.text_ema.ema_model.load_state_dict(ckpt.read_tensors(path, "text_encoder.ema", self.device))
+            for module, name in ((self.cascade.text_encoder.model, "text_encoder"),
+                                 (self.text_ema.ema_model, "text_encoder.ema")):
+                ckpt.load_weights(module, ckpt.read_tensors(path, name, self.device), f"{name}.safetensors in {path}")
             self.text_ema.step.copy_(tensors["ema_text.step"])
             self.text_ema.initted.copy_(tensors["ema_text.initted"])
         if state.get("scaler") and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.run_id = state["run_id"]
-        self._mark_saved(path)
+        self._mark_saved(given)
         ckpt.set_rng_state(state["rng"], {k: v.cpu() for k, v in tensors.items()})
         if self.accelerator.process_index > 0:  # one saved stream, but each process needs its own noise
             torch.manual_seed(int(torch.randint(0, 2**62, ())) + self.accelerator.process_index)
         return self
+
+
+def _not_finite(loss: Tensor) -> str:
+    return f"the loss ({float(loss):g}) or a gradient is not finite"
 
 
 def flatten_config(tree: Any, prefix: str = "") -> dict:

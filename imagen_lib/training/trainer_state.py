@@ -123,8 +123,8 @@ def load_stage(trainer: Any, path: PathLike, k: int, state: dict, tensors: dict)
     """Stage ``k``'s weights, EMA, optimizer state, step count, horizon, data position and non-finite counts
     from a checkpoint (``state``: checked by :func:`check_trainer_json`)."""
     st = trainer.stages[k]
-    trainer.cascade.stages[k].net.load_state_dict(ckpt.read_tensors(path, f"stage{k}", trainer.device))
-    st.ema.ema_model.load_state_dict(ckpt.read_tensors(path, f"stage{k}.ema", trainer.device))
+    for module, name in ((trainer.cascade.stages[k].net, f"stage{k}"), (st.ema.ema_model, f"stage{k}.ema")):
+        ckpt.load_weights(module, ckpt.read_tensors(path, name, trainer.device), f"{name}.safetensors in {path}")
     st.optimizer.load_state_dict(ckpt.join_state(state["optimizers"][k], tensors))
     st.ema.step.copy_(tensors[f"ema{k}.step"])
     st.ema.initted.copy_(tensors[f"ema{k}.initted"])
