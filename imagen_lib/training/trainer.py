@@ -406,10 +406,10 @@ class Trainer:
                    position=self.progress_line)
         start_time, window, mean, done = time.time(), [], float("nan"), 0
         for batch in order:
-            before = state.step
+            skipped = state.skipped
             window.append(self.train_step(k, batch))
             state.data = order.position
-            if state.step == before:  # skipped: non-finite loss or gradient
+            if state.skipped != skipped:  # the non-finite guard skipped it: the batch is taken, the step is not
                 continue
             done += 1
             if done % log_every == 0 or done == steps:
