@@ -70,6 +70,6 @@ def test_a_training_run_refuses_a_folder_another_run_holds(tmp_path):
     config.write_text(json.dumps(tiny_config(steps=1)))
     out = tmp_path / "run"
     with RunLock(out, "the-other-run"):
-        with pytest.raises(SystemExit, match="in use by another training run .*the-other-run"):
+        with pytest.raises(FolderInUseError, match="in use by another training run .*the-other-run"):
             main(["train", str(config), "--out", str(out), "--no-progress", "--cpu"])
     assert sorted(p.name for p in out.iterdir()) == []  # it wrote nothing

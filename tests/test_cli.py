@@ -56,14 +56,14 @@ def test_train_writes_a_checkpoint_and_a_sample_grid(trained, capsys):
     assert load_config(out / "config.yaml")["stages"][1]["train"]["steps"] == 1  # the override is recorded
     trainer_state = json.loads((committed / "trainer.json").read_text())
     assert trainer_state["steps"] == [2, 1]
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(FileExistsError, match="--resume"):
         main(["train", str(config), "--out", str(out), "--no-progress"])
 
 
 def test_train_resume_without_a_checkpoint_is_an_error(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(tiny_config(steps=1)))
-    with pytest.raises(SystemExit, match="no checkpoint at .*to continue from"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*to continue from"):
         main(["train", str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress", "--cpu"])
     assert not (tmp_path / "run" / "checkpoint").exists()
 
