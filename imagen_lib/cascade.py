@@ -530,7 +530,10 @@ class Cascade(nn.Module):
         generators = [torch.Generator().manual_seed(base + i) for i in range(prompts * n)]
         prev = init = None
         if start is not None:
-            given = self._per_image(start.images, prompts, n, "start.images", self.device).float() * 2 - 1
+            given = start.images
+            if isinstance(start, InitImages) and len(given) == 1:  # one init image for every prompt
+                given = given.expand(prompts, -1, -1, -1)
+            given = self._per_image(given, prompts, n, "start.images", self.device).float() * 2 - 1
             prev, init = (given, None) if isinstance(start, StartImages) else (None, (given, start.strength))
         painting = None if inpaint is None else self._inpaint_inputs(inpaint, prompts, n)
         for k in range(first, last + 1):

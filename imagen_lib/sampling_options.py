@@ -150,8 +150,8 @@ class Inpainting:
 
 @dataclass(frozen=True)
 class InitImages:
-    """Image-to-image at the base stage (SDEdit, Meng et al. 2021): ``images`` (B, C, H, W) in [0, 1], one per
-    prompt or one per image, any size (resized to the base stage's), noised to the level reached after
+    """Image-to-image at the base stage (SDEdit, Meng et al. 2021): ``images`` (B, C, H, W) in [0, 1], one for all
+    prompts, one per prompt or one per image, any size (resized to the base stage's), noised to the level reached after
     ``1 - strength`` of the base stage's sampling grid; only the remaining ``round(strength * steps)`` steps
     (at least one) run, then the later stages as usual. ``strength`` in (0, 1], default 0.8 (diffusers'):
     1 is text-to-image from noise (the same images for the same seed), small values stay close to ``images``."""
