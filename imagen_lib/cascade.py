@@ -349,7 +349,8 @@ class Cascade(nn.Module):
         unknown = sorted(set(settings) - names)
         if unknown:
             raise TypeError(f"sample() got unexpected keyword arguments {unknown}: expected SamplerSettings fields "
-                            f"{sorted(names)} (other modules: Cascade.using; start=StartImages, inpaint=Inpainting)")
+                            f"{sorted(names)} (other modules: Cascade.using; start=StartImages or InitImages, "
+                            "inpaint=Inpainting, negative_prompt=...)")
         return {name: v for name, v in settings.items() if v is not None}
 
     def _settings(self, call_wide: dict, stage_overrides) -> list[SamplerSettings]:

@@ -190,14 +190,18 @@ def negative_rows(negative: Union[str, Sequence[str], NegativePrompt], prompts: 
     :meth:`~imagen_lib.cascade.Cascade.condition`): a string for all prompts, a list of strings one per prompt,
     or :class:`NegativePrompt` embeddings with one row for all prompts or one per prompt."""
     if isinstance(negative, NegativePrompt):
-        embeds, mask = condition(None, text_embeds=negative.text_embeds, text_mask=negative.text_mask)
+        given = {"text_embeds": negative.text_embeds, "text_mask": negative.text_mask}
     else:
         texts = [negative] if isinstance(negative, str) else check_texts("negative_prompt", negative)
-        if isinstance(negative, str) or len(texts) == prompts:
-            embeds, mask = condition(None, texts=texts)
-        else:
+        if not isinstance(negative, str) and len(texts) != prompts:
             raise ValueError(f"negative_prompt: expected one string for all prompts or a list of {prompts} (one "
                              f"per prompt), got a list of {len(texts)}")
+        given = {"texts": texts}
+    try:
+        embeds, mask = condition(None, **given)
+    except (TypeError, ValueError) as error:  # the cascade's message names its own argument: say whose it is
+        raise type(error)(f"negative_prompt: {error} (for text without an encoder: NegativePrompt(text_embeds, "
+                          f"text_mask))" if "texts" in given else f"negative_prompt: {error}") from None
     if embeds.shape[0] == 1 and prompts > 1:
         return embeds.expand(prompts, -1, -1), mask.expand(prompts, -1)
     if embeds.shape[0] != prompts:

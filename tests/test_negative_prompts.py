@@ -105,7 +105,7 @@ def test_a_negative_prompt_of_another_length_is_padded(cascade, encoder):
     (3, TypeError, r"^negative_prompt: "),
     (b"bytes", TypeError, r"^negative_prompt: "),
     (NegativePrompt(torch.zeros(3, 4, TEXT_DIM)), ValueError, r"^negative_prompt: expected text_embeds with 1 row"),
-    (NegativePrompt(torch.zeros(1, 4, TEXT_DIM + 1)), ValueError, r"text_embeds"),
+    (NegativePrompt(torch.zeros(1, 4, TEXT_DIM + 1)), ValueError, r"^negative_prompt: text_embeds: expected"),
 ])
 def test_bad_negative_prompts_are_named(cascade, negative, error, message):
     with pytest.raises(error, match=message):
@@ -125,3 +125,14 @@ def test_an_unconditional_cascade_refuses_a_negative_prompt():
     cascade = tiny_cascade(text_embed_dim=None)
     with pytest.raises(ValueError, match=r"^negative_prompt: this cascade is unconditional"):
         cascade.sample(negative_prompt="x", disable_progress=True)
+
+
+def test_a_text_negative_prompt_without_an_encoder_points_to_embeddings(encoder):
+    cascade = tiny_cascade(text_encoder=None)
+    embeds, mask = encoder.encode(PROMPTS)
+    with pytest.raises(ValueError, match=r"^negative_prompt: texts: this cascade has no text encoder.*NegativePrompt"):
+        cascade.sample(text_embeds=embeds, text_mask=mask, negative_prompt="blurry", disable_progress=True)
+    neg, neg_mask = encoder.encode(["blurry"])
+    out = cascade.sample(text_embeds=embeds, text_mask=mask, negative_prompt=NegativePrompt(neg, neg_mask),
+                         stop_at_stage=0, steps=2, disable_progress=True)
+    assert out.shape == (2, 3, 8, 8)
