@@ -4,7 +4,8 @@ processes, samplers from :mod:`imagen_lib.diffusion.samplers`, guidance, thresho
 :mod:`imagen_lib.diffusion.guidance`, low-resolution conditioning noise from :mod:`imagen_lib.diffusion.noise_augment`.
 
 Images are in [-1, 1] for training (:meth:`Cascade.forward`) and in [0, 1] (or PIL) out of
-:meth:`Cascade.sample`, whose options (:class:`SamplerSettings`, :class:`StartImages`, :class:`Inpainting`) live in
+:meth:`Cascade.sample`, whose options (:class:`SamplerSettings`, :class:`StartImages`, :class:`InitImages`,
+:class:`Inpainting`, :class:`NegativePrompt`) live in
 :mod:`imagen_lib.sampling_options` and are re-exported here. The public methods check their arguments once, on
 entry (:mod:`imagen_lib.validation`: types by beartype, values by hand), so a bad one fails with its name. The
 parts are checked structurally against :mod:`imagen_lib.protocols`, so a network, process or text encoder of
@@ -28,7 +29,17 @@ from imagen_lib.diffusion.noise import Generator, rand
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.diffusion.samplers import SAMPLERS, get_sampler
 from imagen_lib.protocols import DiffusionProcess, Network, TextEncoder, check_protocol, plain_config
-from imagen_lib.sampling_options import Inpainting, SamplerSettings, StartImages, resize
+from imagen_lib.sampling_options import (
+    InitImages,
+    Inpainting,
+    NegativePrompt,
+    SamplerSettings,
+    StartImages,
+    guidance_pair,
+    negative_rows,
+    resize,
+    sdedit_start,
+)
 from imagen_lib.validation import (
     check_bool_mask,
     check_embeddings,
@@ -42,8 +53,8 @@ from imagen_lib.validation import (
 )
 
 __all__ = [
-    "CONFIG_FORMAT", "Cascade", "Inpainting", "PromptEncoder", "SamplerSettings", "Stage", "StartImages",
-    "random_crops", "resize",
+    "CONFIG_FORMAT", "Cascade", "InitImages", "Inpainting", "NegativePrompt", "PromptEncoder", "SamplerSettings",
+    "Stage", "StartImages", "random_crops", "resize",
 ]
 
 CONFIG_FORMAT = "imagen_lib.cascade/1"
@@ -332,14 +343,15 @@ class Cascade(nn.Module):
     # ----------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _call_wide(cond_scale: Optional[float], settings: dict) -> dict:
+    def _call_wide(settings: dict) -> dict:
         """The :class:`SamplerSettings` fields a call sets for every stage (None values keep each stage's own)."""
         names = {f.name for f in dataclasses.fields(SamplerSettings)}
         unknown = sorted(set(settings) - names)
         if unknown:
             raise TypeError(f"sample() got unexpected keyword arguments {unknown}: expected SamplerSettings fields "
-                            f"{sorted(names)} (other modules: Cascade.using; start=StartImages, inpaint=Inpainting)")
-        return {name: v for name, v in {"cond_scale": cond_scale, **settings}.items() if v is not None}
+                            f"{sorted(names)} (other modules: Cascade.using; start=StartImages or InitImages, "
+                            "inpaint=Inpainting, negative_prompt=...)")
+        return {name: v for name, v in settings.items() if v is not None}
 
     def _settings(self, call_wide: dict, stage_overrides) -> list[SamplerSettings]:
         """Every stage's settings: its own < call-wide settings < ``stage_overrides[k]``; all are built (and so
@@ -374,13 +386,16 @@ class Cascade(nn.Module):
         return seed
 
     def _denoiser(self, k: int, net: nn.Module, settings: SamplerSettings, kwargs: dict):
-        """The stage's denoiser with classifier-free guidance and thresholding wrapped around it."""
+        """The stage's denoiser with classifier-free guidance and thresholding wrapped around it; the guidance's
+        unconditional rows see ``kwargs["negative"]`` (embeds, mask) when given, else the null text."""
         diffusion = self.stages[k].diffusion
+        kwargs = dict(kwargs)
+        negative = kwargs.pop("negative", None)
         guided = "text_embeds" in kwargs and settings.cond_scale != 1.0
-        if guided:  # doubled batch: conditional rows first, then the same rows with no text
+        if guided:  # doubled batch: conditional rows first, then the same rows with the negative or null text
             doubled = {name: torch.cat([v, v]) for name, v in kwargs.items()}
-            doubled["text_mask"] = torch.cat([kwargs["text_mask"], torch.zeros_like(kwargs["text_mask"])])
-            doubled["text_embeds"] = torch.cat([kwargs["text_embeds"], torch.zeros_like(kwargs["text_embeds"])])
+            doubled["text_embeds"], doubled["text_mask"] = guidance_pair(
+                kwargs["text_embeds"], kwargs["text_mask"], negative)
             den = guidance.classifier_free_guidance(
                 diffusion.denoiser(net, **doubled), settings.cond_scale, settings.guidance_rescale
             )
@@ -391,9 +406,10 @@ class Cascade(nn.Module):
     def _sample_stage(
         self, k: int, settings: SamplerSettings, cond: dict, prev: Optional[Tensor],
         generators: list[torch.Generator], inpaint: Optional[tuple[Tensor, Tensor]], disable_progress: bool,
+        init: Optional[tuple[Tensor, float]] = None,
     ) -> Tensor:
-        """Run stage ``k`` with its net in eval mode; ``prev`` is the previous stage's output in [-1, 1].
-        Returns [-1, 1] images."""
+        """Run stage ``k`` with its net in eval mode; ``prev`` is the previous stage's output in [-1, 1];
+        ``init``: SDEdit's images in [-1, 1] and strength (base stage). Returns [-1, 1] images."""
         st = self.stages[k]
         b = len(generators)
         kwargs = dict(cond)
@@ -406,7 +422,11 @@ class Cascade(nn.Module):
         sampler_fn = get_sampler(settings.sampler or st.diffusion.default_sampler)
         sigmas = st.diffusion.sigmas(settings.steps or st.diffusion.default_steps)
         shape = (b, self.channels, st.image_size, st.image_size)
-        x = st.diffusion.initial_noise(shape, sigmas, generators, device=self.device, dtype=torch.float32)
+        if init is None:
+            x = st.diffusion.initial_noise(shape, sigmas, generators, device=self.device, dtype=torch.float32)
+        else:
+            sigmas, x = sdedit_start(st.diffusion, resize(init[0], st.image_size), init[1], sigmas, generators,
+                                     shape, self.device)
         options = {"generator": generators, **settings.options}
         was_training = st.net.training
         st.net.eval()
@@ -442,14 +462,20 @@ class Cascade(nn.Module):
         masks = self._per_image(masks, prompts, per_prompt, "inpaint.masks", self.device).float()
         return images, masks
 
-    def _prompt_conditioning(self, texts, text_embeds, text_mask, per_prompt: int) -> tuple[int, dict]:
+    def _prompt_conditioning(self, texts, text_embeds, text_mask, per_prompt: int, negative) -> tuple[int, dict]:
         """The number of prompts (1 when unconditional) and the nets' text keyword arguments with one row per
-        image."""
+        image (and ``"negative"``: the negative prompt's (embeds, mask), one row per image, when given)."""
         embeds, mask = self.condition(None, texts, text_embeds, text_mask)
         if embeds is None:
+            if negative is not None:
+                raise ValueError("negative_prompt: this cascade is unconditional (its nets take no text)")
             return 1, {}
-        return embeds.shape[0], {"text_embeds": embeds.repeat_interleave(per_prompt, 0),
-                                 "text_mask": mask.repeat_interleave(per_prompt, 0)}
+        cond = {"text_embeds": embeds.repeat_interleave(per_prompt, 0),
+                "text_mask": mask.repeat_interleave(per_prompt, 0)}
+        if negative is not None:
+            neg_embeds, neg_mask = negative_rows(negative, embeds.shape[0], self.condition)
+            cond["negative"] = (neg_embeds.repeat_interleave(per_prompt, 0), neg_mask.repeat_interleave(per_prompt, 0))
+        return embeds.shape[0], cond
 
     def _check_given_images(self, start: Optional[StartImages], inpaint: Optional[Inpainting]) -> None:
         """The channels of the images given to start from or inpaint (their own checks ran when built)."""
@@ -462,10 +488,11 @@ class Cascade(nn.Module):
     @typechecked
     def sample(
         self, texts: Optional[Sequence[str]] = None, *, text_embeds: Optional[Tensor] = None,
-        text_mask: Optional[Tensor] = None, num_images_per_prompt: int = 1, cond_scale: Optional[float] = None,
-        seed: Optional[int] = None, stop_at_stage: Optional[int] = None, return_pil: bool = False,
-        disable_progress: bool = False, stage_overrides: Optional[Mapping[int, Union[dict, SamplerSettings]]] = None,
-        start: Optional[StartImages] = None, inpaint: Optional[Inpainting] = None, **settings: Any,
+        text_mask: Optional[Tensor] = None, negative_prompt: Union[None, str, Sequence[str], NegativePrompt] = None,
+        num_images_per_prompt: int = 1, seed: Optional[int] = None, stop_at_stage: Optional[int] = None,
+        return_pil: bool = False, disable_progress: bool = False,
+        stage_overrides: Optional[Mapping[int, Union[dict, SamplerSettings]]] = None,
+        start: Union[None, StartImages, InitImages] = None, inpaint: Optional[Inpainting] = None, **settings: Any,
     ) -> Union[Tensor, list]:
         """Generate images, returned in [0, 1] as (B, C, H, W) (or a list of PIL images with ``return_pil``).
         Every argument is checked before the first stage runs.
@@ -473,6 +500,9 @@ class Cascade(nn.Module):
         Args:
             texts / text_embeds + text_mask: the prompts (B_p of them); omit both for an unconditional
                 cascade, which then draws ``num_images_per_prompt`` images.
+            negative_prompt: what classifier-free guidance steers away from, in place of the null text (default
+                None): one string for all prompts, a list with one per prompt, or :class:`NegativePrompt`
+                embeddings. It acts at every stage with text and ``cond_scale != 1``.
             num_images_per_prompt: images per prompt, default 1; image ``p * n + j`` is prompt ``p``'s ``j``-th.
             cond_scale, **settings: :class:`SamplerSettings` fields for every stage (``steps=15``,
                 ``sampler="heun"``, ``threshold="static"``, ...); None (default) keeps each stage's own.
@@ -482,28 +512,34 @@ class Cascade(nn.Module):
                 not depend on the batch it is drawn in (``seed + i < 2**63``); None draws a base seed from torch's
                 global RNG.
             stop_at_stage: the last stage run (default: the last one).
-            start: :class:`StartImages` to begin at a super-resolution stage from given images (default None).
+            start: :class:`StartImages` to begin at a super-resolution stage from given images, or
+                :class:`InitImages` for image-to-image (SDEdit) at the base stage (default None).
             inpaint: :class:`Inpainting` images and masks, RePaint at every stage (default None).
 
         Other networks or another text encoder (the Trainer's EMA copies): ``cascade.using(...).sample(...)``.
         """
-        first = 0 if start is None else self._stage_index(start.stage, "start.stage")
+        first = 0 if not isinstance(start, StartImages) else self._stage_index(start.stage, "start.stage")
         last = self._stage_index(stop_at_stage, "stop_at_stage") if stop_at_stage is not None else len(self.stages) - 1
         if last < first:
             raise ValueError(f"stop_at_stage: expected >= the start stage {first}, got {last}")
-        stage_settings = self._settings(self._call_wide(cond_scale, settings), stage_overrides)
+        stage_settings = self._settings(self._call_wide(settings), stage_overrides)
         n = check_int("num_images_per_prompt", num_images_per_prompt, low=1)
         self._check_given_images(start, inpaint)
-        prompts, cond = self._prompt_conditioning(texts, text_embeds, text_mask, n)
+        prompts, cond = self._prompt_conditioning(texts, text_embeds, text_mask, n, negative_prompt)
         seed = self._base_seed(seed, prompts * n)
         base = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
         generators = [torch.Generator().manual_seed(base + i) for i in range(prompts * n)]
-        prev = None
+        prev = init = None
         if start is not None:
-            prev = self._per_image(start.images, prompts, n, "start.images", self.device).float() * 2 - 1
+            given = start.images
+            if isinstance(start, InitImages) and len(given) == 1:  # one init image for every prompt
+                given = given.expand(prompts, -1, -1, -1)
+            given = self._per_image(given, prompts, n, "start.images", self.device).float() * 2 - 1
+            prev, init = (given, None) if isinstance(start, StartImages) else (None, (given, start.strength))
         painting = None if inpaint is None else self._inpaint_inputs(inpaint, prompts, n)
         for k in range(first, last + 1):
-            prev = self._sample_stage(k, stage_settings[k], cond, prev, generators, painting, disable_progress)
+            prev = self._sample_stage(k, stage_settings[k], cond, prev, generators, painting, disable_progress,
+                                      init if k == 0 else None)
         images = ((prev.clamp(-1, 1) + 1) / 2).float()
         if return_pil:
             from imagen_lib.images import to_pil

@@ -10,23 +10,32 @@ with a message that names the field, not later inside a sampler. All are re-expo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from imagen_lib.diffusion.guidance import INPAINT_OPTIONS
+from imagen_lib.diffusion.noise import Generator, randn
 from imagen_lib.diffusion.samplers import check_sampler_options, get_sampler
 from imagen_lib.validation import (
     check_bool_mask,
+    check_embeddings,
     check_field_types,
     check_images,
     check_int,
     check_number,
+    check_texts,
 )
 
-__all__ = ["Inpainting", "SamplerSettings", "StartImages", "resize"]
+__all__ = [
+    "InitImages", "Inpainting", "NegativePrompt", "SamplerSettings", "StartImages", "guidance_pair", "negative_rows",
+    "resize",
+    "sdedit_start",
+]
 
 THRESHOLDS = ("dynamic", "static", "none")
 
@@ -137,3 +146,100 @@ class Inpainting:
         if masks.ndim == 4 and masks.shape[1] not in (1, self.images.shape[1]):
             raise ValueError(f"masks: expected (B, 1, H, W) with one channel, got shape {tuple(masks.shape)}")
         check_field_types(self)
+
+
+@dataclass(frozen=True)
+class InitImages:
+    """Image-to-image at the base stage (SDEdit, Meng et al. 2021): ``images`` (B, C, H, W) in [0, 1], one for all
+    prompts, one per prompt or one per image, any size (resized to the base stage's), noised to the level reached after
+    ``1 - strength`` of the base stage's sampling grid; only the remaining ``round(strength * steps)`` steps
+    (at least one) run, then the later stages as usual. ``strength`` in (0, 1], default 0.8 (diffusers'):
+    1 is text-to-image from noise (the same images for the same seed), small values stay close to ``images``."""
+
+    images: Tensor
+    strength: float = 0.8
+
+    def __post_init__(self):
+        _check_given_images(self.images)
+        check_number("strength", self.strength, low=0, high=1, low_open=True)
+        check_field_types(self)
+
+
+@dataclass(frozen=True)
+class NegativePrompt:
+    """A negative prompt given as precomputed embeddings: ``text_embeds`` a finite float (B, N, D) tensor with
+    one row for all prompts or one per prompt, ``text_mask`` a bool (B, N) mask (default: the non-zero rows of
+    ``text_embeds``). Classifier-free guidance then pushes away from this text instead of from the null text
+    (zero embeddings, all-False mask, what training's text dropout shows the nets)."""
+
+    text_embeds: Tensor
+    text_mask: Optional[Tensor] = None
+
+    def __post_init__(self):
+        check_embeddings("text_embeds", self.text_embeds)
+        if self.text_mask is not None:
+            mask = check_bool_mask("text_mask", self.text_mask, ndims=(2,), meaning="True = a real token")
+            if tuple(mask.shape) != tuple(self.text_embeds.shape[:2]):
+                raise ValueError(f"text_mask: expected shape {tuple(self.text_embeds.shape[:2])} (the embeddings' "
+                                 f"first two dimensions), got {tuple(mask.shape)}")
+
+
+def negative_rows(negative: Union[str, Sequence[str], NegativePrompt], prompts: int,
+                  condition: Callable[..., tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The negative prompt's (embeds, mask) with one row per prompt, through ``condition`` (the cascade's
+    :meth:`~imagen_lib.cascade.Cascade.condition`): a string for all prompts, a list of strings one per prompt,
+    or :class:`NegativePrompt` embeddings with one row for all prompts or one per prompt."""
+    if isinstance(negative, NegativePrompt):
+        given = {"text_embeds": negative.text_embeds, "text_mask": negative.text_mask}
+    else:
+        texts = [negative] if isinstance(negative, str) else check_texts("negative_prompt", negative)
+        if not isinstance(negative, str) and len(texts) != prompts:
+            raise ValueError(f"negative_prompt: expected one string for all prompts or a list of {prompts} (one "
+                             f"per prompt), got a list of {len(texts)}")
+        given = {"texts": texts}
+    try:
+        embeds, mask = condition(None, **given)
+    except (TypeError, ValueError) as error:  # the cascade's message names its own argument: say whose it is
+        raise type(error)(f"negative_prompt: {error} (for text without an encoder: NegativePrompt(text_embeds, "
+                          f"text_mask))" if "texts" in given else f"negative_prompt: {error}") from None
+    if embeds.shape[0] == 1 and prompts > 1:
+        return embeds.expand(prompts, -1, -1), mask.expand(prompts, -1)
+    if embeds.shape[0] != prompts:
+        raise ValueError(f"negative_prompt: expected text_embeds with 1 row or {prompts} (one per prompt), "
+                         f"got {embeds.shape[0]}")
+    return embeds, mask
+
+
+def _pad_tokens(embeds: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Right-pad (B, N, D) embeddings with zero tokens and their mask with False up to ``length`` tokens."""
+    extra = length - embeds.shape[1]
+    if extra == 0:
+        return embeds, mask
+    return F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
+
+
+def guidance_pair(embeds: Tensor, mask: Tensor, negative: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The doubled batch of classifier-free guidance: conditional rows first, then the unconditional ones, which
+    see the ``negative`` (embeds, mask) rows or, when None, the null text (zeros, all False, as the text dropout
+    of training makes it). Token counts that differ are padded (zero tokens, masked out) to the longer one."""
+    if negative is None:
+        negative = (torch.zeros_like(embeds), torch.zeros_like(mask))
+    length = max(embeds.shape[1], negative[0].shape[1])
+    (e1, m1), (e2, m2) = _pad_tokens(embeds, mask, length), _pad_tokens(*negative, length)
+    return torch.cat([e1, e2]), torch.cat([m1, m2])
+
+
+def sdedit_start(diffusion: Any, images: Tensor, strength: float, sigmas: Tensor, generator: Generator,
+                 shape: tuple[int, ...], device: Any) -> tuple[Tensor, Tensor]:
+    """SDEdit's starting point: ``(sigmas, x)``, the tail of the sampling grid ``sigmas`` that still runs and the
+    images ([-1, 1], ``shape``) noised to its first level, ``x = images + sigma * noise`` (the samplers' VE
+    coordinates, whatever the process). ``strength`` 1 returns the whole grid and the process's own
+    :meth:`initial_noise`, so it is text-to-image exactly; otherwise ``round(strength * steps)`` steps remain (at
+    least one)."""
+    steps = len(sigmas) - 1
+    skip = steps - max(1, min(steps, round(strength * steps)))
+    if skip == 0:
+        return sigmas, diffusion.initial_noise(shape, sigmas, generator, device=device, dtype=torch.float32)
+    sigmas = sigmas[skip:]
+    noise = randn(shape, generator, device, torch.float32)
+    return sigmas, images.to(device, torch.float32) + float(sigmas[0]) * noise

@@ -1,12 +1,20 @@
 """``imagen-lib sample CHECKPOINT (--prompt TEXT ... | --prompts-file FILE) --out DIR``: writes
 ``DIR/0000.png``, ``DIR/0001.png``, ... (image ``p * N + j`` is the ``j``-th of prompt ``p``, N images per
 prompt) at the last stage's resolution, and ``DIR/grid.png`` with the captions. Runs on the GPU when there is
-one, else on the CPU."""
+one, else on the CPU.
+
+``--sampler``, ``--steps`` and ``--cond-scale`` take one value for every stage or ``STAGE=VALUE`` for one stage
+(repeatable: ``--steps 30 --steps 1=15``); ``--negative-prompt`` steers guidance away from a text;
+``--init-image`` with ``--strength`` starts the base stage from an image (SDEdit)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Optional
+
+STAGE_OPTIONS = {"sampler": "--sampler", "steps": "--steps", "cond_scale": "--cond-scale"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="sampling steps for every stage (default: the checkpoint's)")
-    parser.add_argument("--cond-scale", type=float, default=None,
-                        help="classifier-free guidance scale (default: the checkpoint's)")
+    parser.add_argument("--steps", action="append", default=None, metavar="N|STAGE=N",
+                        help="sampling steps for every stage, or STAGE=N for one (repeatable; default: the "
+                             "checkpoint's)")
+    parser.add_argument("--cond-scale", action="append", default=None, metavar="S|STAGE=S",
+                        help="classifier-free guidance scale for every stage, or STAGE=S for one (repeatable; "
+                             "default: the checkpoint's; 1 = no guidance)")
+    parser.add_argument("--sampler", action="append", default=None, metavar="NAME|STAGE=NAME",
+                        help="sampler for every stage, or STAGE=NAME for one (repeatable): euler, heun, "
+                             "euler_ancestral, ddim, dpmpp_2m (default: the checkpoint's)")
+    parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                        help="guidance steers away from this text instead of the empty one (all prompts)")
+    parser.add_argument("--init-image", type=Path, default=None, metavar="PATH",
+                        help="image-to-image: start the base stage from this image (SDEdit)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="with --init-image: how much of the base stage's schedule runs, in (0, 1]; 1 ignores "
+                             "the image, small values stay close to it (default 0.8)")
     parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
@@ -61,16 +81,105 @@ def attach_encoder(cascade, args: argparse.Namespace, device):
     return cascade.using(text_encoder=encoder.eval())
 
 
+def _parse_int(option: str, text: str) -> int:
+    from imagen_lib.validation import check_int
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{option}: expected a positive int or STAGE=INT, got {text!r}") from None
+    return check_int(option, value, low=1)
+
+
+def _parse_float(option: str, text: str) -> float:
+    from imagen_lib.validation import check_number
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{option}: expected a number or STAGE=NUMBER, got {text!r}") from None
+    return check_number(option, value)
+
+
+def _parse_sampler(option: str, text: str) -> str:
+    from imagen_lib.diffusion.samplers import SAMPLERS
+
+    if text not in SAMPLERS:
+        raise ValueError(f"{option}: expected one of {sorted(SAMPLERS)} or STAGE=NAME, got {text!r}")
+    return text
+
+
+def stage_values(option: str, values: Optional[list[str]],
+                 parse: Callable[[str, str], Any]) -> tuple[Any, dict[int, Any]]:
+    """A repeatable per-stage option: ``VALUE`` for every stage (at most once) and ``STAGE=VALUE`` for one stage
+    (once per stage), as ``(value for every stage or None, {stage: value})``."""
+    every, per_stage = None, {}
+    for text in values or []:
+        stage, sep, value = text.partition("=")
+        if not sep:
+            if every is not None:
+                raise ValueError(f"{option}: given twice for every stage ({every!r} and {text!r}); use STAGE=VALUE "
+                                 "for single stages")
+            every = parse(option, text)
+            continue
+        if not stage.strip().isdigit():
+            raise ValueError(f"{option}: expected STAGE=VALUE with a stage index (0, 1, ...), got {text!r}")
+        k = int(stage)
+        if k in per_stage:
+            raise ValueError(f"{option}: stage {k} given twice")
+        per_stage[k] = parse(option, value)
+    return every, per_stage
+
+
+def sampler_arguments(args: argparse.Namespace, stages: Optional[int] = None) -> tuple[dict, dict]:
+    """``--sampler``, ``--steps`` and ``--cond-scale`` as :meth:`Cascade.sample`'s call-wide settings and its
+    ``stage_overrides``; with ``stages``, every named stage must exist."""
+    parsers = {"sampler": _parse_sampler, "steps": _parse_int, "cond_scale": _parse_float}
+    settings, overrides = {}, {}
+    for name, option in STAGE_OPTIONS.items():
+        every, per_stage = stage_values(option, getattr(args, name), parsers[name])
+        if every is not None:
+            settings[name] = every
+        for k, value in per_stage.items():
+            if stages is not None and k >= stages:
+                raise ValueError(f"{option}: stage {k} does not exist; this checkpoint has stages 0 to {stages - 1}")
+            overrides.setdefault(k, {})[name] = value
+    return settings, overrides
+
+
 def check_arguments(args: argparse.Namespace) -> None:
-    """The numeric options, checked before the checkpoint is loaded (errors name the option)."""
+    """The options, checked before the checkpoint is loaded (errors name the option)."""
     from imagen_lib.validation import check_int, check_number, check_seed
 
     check_int("--num-images-per-prompt", args.num_images_per_prompt, low=1)
     check_int("--batch-size", args.batch_size, low=1)
-    check_int("--steps", args.steps, low=1, optional=True)
     check_int("--max-length", args.max_length, low=1)
-    check_number("--cond-scale", args.cond_scale, optional=True)
     check_seed("--seed", args.seed)
+    sampler_arguments(args)
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength: given without --init-image (it sets how much of that image is kept)")
+    check_number("--strength", args.strength, low=0, high=1, low_open=True, optional=True)
+    if args.init_image is not None and not args.init_image.is_file():
+        raise FileNotFoundError(f"--init-image: no file at {args.init_image}")
+    if args.negative_prompt is not None and not args.negative_prompt.strip():
+        raise ValueError("--negative-prompt: expected a non-empty text")
+
+
+def read_init_image(path: Path, channels: int, device):
+    """The image at ``path`` as a (1, C, H, W) tensor in [0, 1] with the cascade's ``channels``."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255
+    except UnidentifiedImageError:
+        raise ValueError(f"--init-image: {path} is not an image file PIL can read") from None
+    tensor = torch.from_numpy(pixels).reshape(*pixels.shape[:2], -1).permute(2, 0, 1)[None]
+    if tensor.shape[1] != channels:
+        raise ValueError(f"--init-image: this cascade makes {channels}-channel images, {path} gives {tensor.shape[1]}")
+    return tensor.to(device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,13 +194,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
     cascade = attach_encoder(cascade, args, device)
-    per_call = max(1, args.batch_size // n)  # prompts per call; image index (and its seed) is global
-    images = []
-    for p0 in range(0, len(prompts), per_call):
-        chunk = prompts[p0 : p0 + per_call]
-        images.append(cascade.sample(chunk, num_images_per_prompt=n, seed=args.seed + p0 * n, steps=args.steps,
-                                     cond_scale=args.cond_scale).cpu())
-    images = torch.cat(images)
+    images = sample_all(cascade, prompts, args)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         to_pil(image).save(args.out / f"{i:04d}.png")
@@ -99,3 +202,24 @@ def run(args: argparse.Namespace) -> int:
     save_png(str(args.out / "grid.png"), captioned_grid(images, captions, nrow=min(8, max(n, 4))))
     print(f"wrote {len(images)} images ({images.shape[-1]}x{images.shape[-2]}) and grid.png to {args.out}")
     return 0
+
+
+def sample_all(cascade, prompts: list[str], args: argparse.Namespace):
+    """Every prompt's images, ``--batch-size`` at a time; image ``i`` seeded with ``--seed + i``."""
+    import torch
+
+    from imagen_lib.cascade import InitImages
+
+    settings, overrides = sampler_arguments(args, len(cascade.stages))
+    init = None if args.init_image is None else read_init_image(args.init_image, cascade.channels, cascade.device)
+    strength = 0.8 if args.strength is None else args.strength
+    n = args.num_images_per_prompt
+    per_call = max(1, args.batch_size // n)  # prompts per call; image index (and its seed) is global
+    images = []
+    for p0 in range(0, len(prompts), per_call):
+        chunk = prompts[p0 : p0 + per_call]
+        start = None if init is None else InitImages(init, strength)
+        images.append(cascade.sample(chunk, num_images_per_prompt=n, seed=args.seed + p0 * n,
+                                     negative_prompt=args.negative_prompt, stage_overrides=overrides, start=start,
+                                     **settings).cpu())
+    return torch.cat(images)
