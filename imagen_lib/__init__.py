@@ -22,6 +22,8 @@ _EXPORTS = {
     "Cascade": "imagen_lib.cascade",
     "StartImages": "imagen_lib.sampling_options",
     "Inpainting": "imagen_lib.sampling_options",
+    "InitImages": "imagen_lib.sampling_options",
+    "NegativePrompt": "imagen_lib.sampling_options",
     "UnetConfig": "imagen_lib.nn.config",
     "EfficientUnetConfig": "imagen_lib.nn.config",
     "Trainer": "imagen_lib.training.trainer",
@@ -54,7 +56,7 @@ if TYPE_CHECKING:  # static tools see the real names
     from imagen_lib.nn.config import EfficientUnetConfig, UnetConfig
     from imagen_lib.nn.efficient_unet import EfficientUnet
     from imagen_lib.nn.unet import Unet
-    from imagen_lib.sampling_options import Inpainting, SamplerSettings, StartImages
+    from imagen_lib.sampling_options import InitImages, Inpainting, NegativePrompt, SamplerSettings, StartImages
     from imagen_lib.text import T5TextEncoder
     from imagen_lib.training.loop import RunOptions, train_stages
     from imagen_lib.training.trainer import Trainer, TrainerSettings
