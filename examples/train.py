@@ -2,6 +2,7 @@
 
     accelerate launch examples/train.py --config examples/shapes.yaml --out runs/shapes
     python examples/train.py --config examples/tiny.yaml --out runs/tiny        # one process, no launcher
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train.py ...  # 2 CPU processes
 
 How the library's parts fit together (this file only wires them; see examples/README.md for multi-GPU,
 multi-machine and FSDP launches):
@@ -27,6 +28,7 @@ from typing import Optional, Sequence
 
 from imagen_lib import Trainer
 from imagen_lib import config as cfg
+from imagen_lib.training.launcher import single_process_launch_warning
 from imagen_lib.training.loop import RunOptions, train_stages
 
 
@@ -60,6 +62,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--extend", action="store_true",
                         help="continue a run with the config's (new) step counts, recomputing each stage's "
                              "learning-rate schedule (without it, other steps than the checkpoint's are an error)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="N",
+                        help="loader batches per optimizer step (default: the config's "
+                             "trainer.gradient_accumulation_steps, 1); effective batch: batch_size * N * processes")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 
@@ -94,8 +99,14 @@ def make_trainer(config: dict, out: Path, log_with: Optional[str]) -> Trainer:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    config = with_data(cfg.apply_overrides(cfg.load_config(args.config), args.overrides), args.data)
+    overrides = list(args.overrides)
+    if args.gradient_accumulation_steps is not None:  # as a config value, so OUT/config.yaml records it
+        overrides.append(f"trainer.gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    config = with_data(cfg.apply_overrides(cfg.load_config(args.config), overrides), args.data)
     trainer = make_trainer(config, out, args.log_with)
+    warning = single_process_launch_warning(trainer.accelerator.num_processes)
+    if warning:  # `accelerate launch --cpu --num_processes 2` without MPI: one process, and nothing else says so
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     save_every = args.save_every
     if save_every is None:  # the config's trainer.save_every, else every 1000 steps
         save_every = trainer.settings.save_every or 1000

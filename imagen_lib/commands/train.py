@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "learning-rate schedule (without it, other steps than the checkpoint's are an error)")
     parser.add_argument("--sample-every", type=int, default=None, metavar="N",
                         help="steps between sample grids in OUT/samples/ (default: only the final OUT/samples.png)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="N",
+                        help="loader batches per optimizer step (default: the config's "
+                             "trainer.gradient_accumulation_steps, 1); steps and schedules count optimizer steps")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from imagen_lib.training.trainer import Trainer
 
     start = time.time()
-    config = apply_overrides(load_config(args.config), args.overrides)
+    config = apply_overrides(load_config(args.config), args.overrides + accumulation_override(args))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     log_with = "tensorboard" if _has_tensorboard() else None
     trainer = Trainer(build_cascade(config), settings=trainer_settings(config), cpu=args.cpu, log_with=log_with,
@@ -57,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {len(result.trained)} stage(s) trained in {(time.time() - start) / 60:.1f} min; "
               f"try: imagen-lib sample {result.checkpoint} --prompt \"{prompt}\" --out {out / 'samples'}")
     return 0
+
+
+def accumulation_override(args: argparse.Namespace) -> list[str]:
+    """``--gradient-accumulation-steps N`` as the config assignment it stands for (so OUT/config.yaml, a
+    resumed run and stages trained in their own processes see it), or none."""
+    steps = getattr(args, "gradient_accumulation_steps", None)
+    return [] if steps is None else [f"trainer.gradient_accumulation_steps={steps}"]
 
 
 def _has_tensorboard() -> bool:

@@ -30,6 +30,10 @@ class TrainerSettings:
         ema_beta, ema_update_after_step, ema_update_every, ema_power: ema-pytorch's EMA [0.9999, 100, 10,
             2/3]; the decay warms up as ``1 - (1 + step) ** -ema_power`` capped at ``ema_beta``.
         max_batch_size: split larger batches into chunks of at most this many examples [None: no split].
+        gradient_accumulation_steps: loader batches per optimizer step in :meth:`Trainer.fit` [1]: their
+            gradients add up (each example weighs the same, as in one batch of them all) before one step;
+            steps, the learning-rate schedule, the EMA, ``save_every`` and ``sample_every`` count optimizer
+            steps. Effective batch: ``batch_size * gradient_accumulation_steps * processes``.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (with loss scaling) ["no"].
         text_encoder_lr: learning rate of a trainable text encoder [None: the stage's ``lr``].
         fused_optimizer: AdamW's fused implementation (the same update in one kernel over all parameters
@@ -59,6 +63,7 @@ class TrainerSettings:
     save_every: Optional[int] = None
     keep_last: int = 2
     max_nonfinite_steps: int = 20
+    gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -71,6 +76,8 @@ class TrainerSettings:
         self.save_every = check_int("save_every", self.save_every, low=1, optional=True)
         self.keep_last = check_int("keep_last", self.keep_last, low=1)
         self.max_nonfinite_steps = check_int("max_nonfinite_steps", self.max_nonfinite_steps, low=1)
+        self.gradient_accumulation_steps = check_int("gradient_accumulation_steps", self.gradient_accumulation_steps,
+                                                     low=1)
         if not isinstance(self.fused_optimizer, bool):
             raise TypeError(f"fused_optimizer: expected True or False, got {self.fused_optimizer!r}")
 

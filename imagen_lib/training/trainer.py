@@ -1,8 +1,9 @@
 """Training a cascade, one stage at a time or interleaved, on one device or many through Accelerate.
 
 Per stage: AdamW, learning-rate warm-up then cosine decay, gradient clipping, an EMA of the weights
-(ema-pytorch; sampling uses it unless told otherwise), gradient accumulation over chunks of at most
-``max_batch_size`` examples with correctly weighted losses, mixed precision (bf16, or fp16 with loss
+(ema-pytorch; sampling uses it unless told otherwise), gradient accumulation over several loader batches
+(``gradient_accumulation_steps``) and over chunks of at most ``max_batch_size`` examples with correctly weighted
+losses (:mod:`imagen_lib.training.accumulation`), mixed precision (bf16, or fp16 with loss
 scaling; applied by the Trainer, so trainers of different precisions share a process), and device placement,
 data sharding and distributed data parallel through Accelerate. One :class:`StageState` per stage holds the
 stage's network wrapper, optimizer, EMA, step count, schedule horizon and peak rate.
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.cascade import Cascade
 from imagen_lib.cascade_checkpoint import write_cascade_checkpoint
-from imagen_lib.training import nonfinite, trainer_state
+from imagen_lib.training import accumulation, nonfinite, trainer_state
 from imagen_lib.training.data_order import DataOrder, DataPosition, start_position
 from imagen_lib.training.nonfinite import NonFiniteLossError
 from imagen_lib.training.settings import TrainerSettings, lr_factor
@@ -45,10 +46,6 @@ __all__ = ["Trainer", "StageState", "TrainerSettings", "lr_factor", "NonFiniteLo
 Batch = Union[Tensor, Mapping[str, Any]]
 _BATCH_KEYS = ("images", "texts", "text_embeds", "text_mask")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _slice_batch(batch: dict, start: int, stop: int) -> dict:
-    return {k: v[start:stop] if v is not None else None for k, v in batch.items()}
 
 
 @dataclass
@@ -230,12 +227,6 @@ class Trainer:
             out["texts"] = [out["texts"]] if isinstance(out["texts"], str) else list(out["texts"])
         return out, int(out["images"].shape[0])
 
-    def _chunks(self, batch: dict, size: int) -> list[tuple[dict, float]]:
-        """Chunks of at most ``max_batch_size`` rows, each with its share of the batch (sums to 1)."""
-        step = self.settings.max_batch_size or size
-        return [(_slice_batch(batch, i, min(i + step, size)), (min(i + step, size) - i) / size)
-                for i in range(0, size, step)]
-
     def _set_lr(self, state: StageState) -> float:
         s = self.settings
         factor = lr_factor(state.step, s.warmup_steps, state.horizon, s.min_lr_ratio)
@@ -249,23 +240,25 @@ class Trainer:
     # steps
     # ----------------------------------------------------------------------------------------------------
 
-    def train_step(self, stage: int, batch: Batch) -> float:
+    def train_step(self, stage: int, batch: Union[Batch, Sequence[Batch]]) -> float:
         """One optimizer step of ``stage`` on ``batch`` (images in [-1, 1], plus ``texts`` or ``text_embeds`` +
-        ``text_mask``); returns this process's mean loss over the batch."""
+        ``text_mask``), or on a list of micro-batches (gradient accumulation: their gradients add up, each
+        example weighing the same, as in one batch of them all; see :mod:`imagen_lib.training.accumulation`);
+        returns this process's mean loss over all the examples."""
         k = self._index(stage)
         acc, state = self.accelerator, self.stages[k]
-        batch, size = self._normalise_batch(batch)
-        if not self._images_finite(batch["images"]):  # Cascade.forward would refuse them: the guard skips the batch
-            self._skip_step(k, state, "the batch's images hold NaN or infinite values")
+        batches = [self._normalise_batch(b) for b in accumulation.micro_batches(batch)]
+        if not all(self._images_finite(b["images"]) for b, _ in batches):  # Cascade.forward would refuse them
+            self._skip_step(k, state, "the batch's images hold NaN or infinite values")  # the guard skips the step
             return float("nan")
         if not (self.cascade.training and self.cascade.stages[k].net.training):
             self.cascade.train()  # once after sampling or validation, not every step (it walks every module)
         wrapped = [state.wrapper] + ([self.text_wrapper] if self.train_text else [])
-        chunks = self._chunks(batch, size)
+        chunks = accumulation.weighted_chunks(batches, self.settings.max_batch_size)
         total = torch.zeros((), device=self.device)
         for i, (chunk, share) in enumerate(chunks):
             with contextlib.ExitStack() as stack:
-                if i < len(chunks) - 1:  # gradients are all-reduced once, on the last chunk
+                if i < len(chunks) - 1:  # gradients are all-reduced once, on the last chunk of the last batch
                     for module in wrapped:
                         stack.enter_context(acc.no_sync(module))
                 with self._autocast():
@@ -337,7 +330,7 @@ class Trainer:
         net.eval()
         try:
             total = 0.0
-            for chunk, share in self._chunks(batch, size):
+            for chunk, share in accumulation.weighted_chunks([(batch, size)], self.settings.max_batch_size):
                 with self._autocast():
                     loss = self.cascade(**chunk, stage=k, net=net, text_encoder=encoder)
                 total += float(loss) * share
@@ -371,7 +364,8 @@ class Trainer:
         save_every: Optional[int] = None, sample_seed: int = 0, disable_progress: bool = False,
         on_step: Optional[Callable[[int], None]] = None, start_batch: Optional[int] = 0,
     ) -> dict:
-        """Train ``stage`` for ``steps`` optimizer steps on batches from ``dataloader`` (re-iterated as needed).
+        """Train ``stage`` for ``steps`` optimizer steps on batches from ``dataloader`` (re-iterated as needed),
+        each step on ``TrainerSettings.gradient_accumulation_steps`` batches (:meth:`train_step` on their list).
 
         Logs the mean loss every ``log_every`` steps through the Accelerate trackers; every ``sample_every``
         steps writes a captioned grid of ``sample_prompts`` to ``out_dir/samples/stage{k}-{step}.png`` and every
@@ -379,7 +373,7 @@ class Trainer:
         ``out_dir/checkpoint`` (main process only). The cosine horizon of the stage is ``steps`` unless
         ``total_steps`` was set; the progress bar sits on line :attr:`progress_line`. ``on_step`` is called after
         every step with the stage's step count. A step skipped for a non-finite loss or gradient (see
-        :mod:`imagen_lib.training.nonfinite`) takes its batch but does not count towards ``steps``.
+        :mod:`imagen_lib.training.nonfinite`) takes its batches but does not count towards ``steps``.
 
         ``start_batch``: where in the loader's order to start: a number of batches an earlier run already took
         (default 0; a DataLoader over a map-style data set: whole epochs and batches are skipped by index,
@@ -405,9 +399,9 @@ class Trainer:
         bar = tqdm(total=steps, desc=f"stage {k}", disable=disable_progress or not self.is_main_process,
                    position=self.progress_line)
         start_time, window, mean, done = time.time(), [], float("nan"), 0
-        for batch in order:
+        for batches in accumulation.step_groups(order, self.settings.gradient_accumulation_steps):
             skipped = state.skipped
-            window.append(self.train_step(k, batch))
+            window.append(self.train_step(k, batches))
             state.data = order.position
             if state.skipped != skipped:  # the non-finite guard skipped it: the batch is taken, the step is not
                 continue
