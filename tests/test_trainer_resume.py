@@ -122,7 +122,7 @@ def test_an_iterable_data_set_resumes_through_skip_batches_or_warns():
     with pytest.warns(UserWarning, match="cannot skip the 3 batch"):
         assert _take(plain, 1) == [[200, 201]]
     assert plain.position == DataPosition(2, 1, 14)
-    with pytest.raises(ValueError, match="dataloader: it yielded no batch"):
+    with pytest.raises(ValueError, match=r"dataloader: it yielded no batch in epoch 0 \(is its batch size larger"):
         _take(DataOrder([], DataPosition()), 1)
 
 

@@ -66,7 +66,8 @@ class DataOrder:
                 self.position = DataPosition(epoch, index + 1, self.position.batches + 1)
                 yield batch
             if empty and not skip:
-                raise ValueError("dataloader: it yielded no batch")
+                raise ValueError(f"dataloader: it yielded no batch in epoch {epoch} (is its batch size larger than "
+                                 "the data set? a loader with drop_last=True drops an incomplete last batch)")
             epoch, skip = epoch + 1, 0
 
     def _resume_point(self) -> tuple[int, int]:
