@@ -122,8 +122,10 @@ def check_images(name: str, images: Any, *, channels: Optional[int] = None, valu
     if not images.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor in [{low:g}, {high:g}], got {images.dtype} "
                         f"(8-bit pixels? divide by 255{' and map to [-1, 1]' if low < 0 else ''})")
-    check_finite(name, images)
-    lo, hi = float(images.detach().min()), float(images.detach().max())
+    # one pass and one read-back (a device sync on a GPU): a NaN or infinite value makes the min or max one
+    lo, hi = torch.stack(torch.aminmax(images.detach())).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        check_finite(name, images)  # raises, counting the bad values
     if lo < low - tolerance or hi > high + tolerance:
         hint = " (8-bit pixels? divide by 255)" if hi > 2 else ""
         raise ValueError(f"{name}: expected values in [{low:g}, {high:g}], got values in [{lo:.3g}, {hi:.3g}]{hint}")

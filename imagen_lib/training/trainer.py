@@ -248,7 +248,7 @@ class Trainer:
         k = self._index(stage)
         acc, state = self.accelerator, self.stages[k]
         batches = [self._normalise_batch(b) for b in accumulation.micro_batches(batch)]
-        if not all(self._images_finite(b["images"]) for b, _ in batches):  # Cascade.forward would refuse them
+        if not self._images_finite([b["images"] for b, _ in batches]):  # Cascade.forward would refuse them
             self._skip_step(k, state, "the batch's images hold NaN or infinite values")  # the guard skips the step
             return float("nan")
         if not (self.cascade.training and self.cascade.stages[k].net.training):
@@ -268,12 +268,14 @@ class Trainer:
         self._optimizer_step(k, state, total)
         return float(total)
 
-    def _images_finite(self, images: Any) -> bool:
-        """Whether a batch's images are finite on every process (the same decision everywhere); anything that is
-        not a non-empty tensor passes here and meets Cascade.forward's checks."""
-        if not isinstance(images, Tensor) or images.numel() == 0:
+    def _images_finite(self, images: list) -> bool:
+        """Whether the step's images (one tensor per micro-batch) are finite on every process: one reduction
+        and one decision, the same everywhere. Anything that is not a non-empty tensor passes here and meets
+        Cascade.forward's checks."""
+        peaks = [x.detach().abs().amax().float() for x in images if isinstance(x, Tensor) and x.numel() > 0]
+        if not peaks:
             return True
-        return nonfinite.is_finite(self.accelerator, images.detach().float().abs().amax(), None)
+        return nonfinite.is_finite(self.accelerator, torch.stack(peaks).amax(), None)
 
     def _optimizer_step(self, k: int, state: StageState, loss: Tensor) -> None:
         """Clip, check (the non-finite guard) and step; a non-finite loss or gradient skips the step."""
