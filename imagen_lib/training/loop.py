@@ -119,14 +119,15 @@ def _train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options
     trainer.start_trackers(config)
     todo = _stages_left(trainer, config, options.stages)
     check_horizons(trainer, config, [k for k, _ in todo], options.extend)
-    check_stage_data(config, [k for k, _ in todo])
+    loaders = check_stage_data(config, [k for k, _ in todo])  # built once: the check's loaders are the ones trained on
     prompts = sample_prompts(config)
     background = _start_background(trainer, config, todo, out, checkpoint if resumed else None, options)
     result = RunResult(checkpoint, prompts=prompts, trained=[k for k, _ in todo], resumed=resumed)
     try:
         for k, steps in todo[:1] if background else todo:
             on_step = background.joiner(trainer) if background else None
-            result.stages.append(train_stage(trainer, config, k, steps, out, options, prompts, on_step))
+            result.stages.append(train_stage(trainer, config, k, steps, out, options, prompts, on_step,
+                                             loader=loaders[k]))
             if background:
                 background.join(trainer)
             if not trainer.is_saved(checkpoint):  # unless save_every just wrote this state
@@ -145,13 +146,14 @@ def _train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options
 
 def train_stage(trainer: Trainer, config: dict, stage: int, steps: int, out: Union[str, Path],
                 options: RunOptions, prompts: Sequence[str] = (), on_step: Optional[Callable[[int], None]] = None,
-                progress_line: Optional[int] = None) -> dict:
+                progress_line: Optional[int] = None, loader=None) -> dict:
     """Train ``stage`` for ``steps`` more steps on its configured data, from the stage's recorded data
     position (``trainer.stages[stage].data``); prints and returns :meth:`Trainer.fit`'s summary.
 
     ``progress_line``: the line of the progress bar (one per process training a stage at the same time).
+    ``loader``: the stage's :func:`stage_loader` when it is already built (default: built here).
     """
-    loader = stage_loader(config, stage)
+    loader = stage_loader(config, stage) if loader is None else loader
     trainer.progress_line = progress_line
     result = trainer.fit(loader, stage, steps, log_every=options.log_every, sample_every=options.sample_every,
                          sample_prompts=prompts, out_dir=out, save_every=options.save_every,
@@ -217,22 +219,28 @@ def check_horizons(trainer: Trainer, config: dict, stages: Sequence[int], extend
             print(f"stage {k}: extended, its learning rate now decays over {wanted} steps", flush=True)
 
 
-def check_stage_data(config: dict, stages: Sequence[int]) -> None:
+def check_stage_data(config: dict, stages: Sequence[int]) -> dict:
     """Each of ``stages`` has data for at least one batch of its batch size (checked before anything trains,
-    so a bad later stage does not cost the earlier ones). Leaves every random state as it found it."""
+    so a bad later stage does not cost the earlier ones); returns ``{stage: its stage_loader}``, the loaders
+    checked. Leaves every random state as it found it, the loaders' own generators included."""
     from torch.utils.data import IterableDataset
 
+    loaders = {}
     with _random_state_kept():
         for k in stages:
             batch_size = cfg.stage_training(config, k)["batch_size"]
-            loader = stage_loader(config, k)
+            loader = loaders[k] = stage_loader(config, k)
             if isinstance(loader.dataset, IterableDataset):
-                if next(iter(loader), None) is None:
+                order = loader.generator.get_state()  # iterating draws a base seed from it
+                first = next(iter(loader), None)
+                loader.generator.set_state(order)
+                if first is None:
                     raise ValueError(f"stages.{k}.train.batch_size: the data (the config's data block) yields no "
                                      f"full batch of {batch_size} for stage {k}; lower it or give more data")
             elif len(loader.dataset) < batch_size:
                 raise ValueError(f"stages.{k}.train.batch_size: {batch_size} is more than the {len(loader.dataset)} "
                                  f"items of the data set (the config's data block); lower it or give more data")
+    return loaders
 
 
 @contextlib.contextmanager
