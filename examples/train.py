@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from imagen_lib import Trainer
 from imagen_lib import config as cfg
+from imagen_lib.commands.train import accumulation_override
 from imagen_lib.training.launcher import single_process_launch_warning
 from imagen_lib.training.loop import RunOptions, train_stages
 
@@ -99,9 +100,7 @@ def make_trainer(config: dict, out: Path, log_with: Optional[str]) -> Trainer:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    overrides = list(args.overrides)
-    if args.gradient_accumulation_steps is not None:  # as a config value, so OUT/config.yaml records it
-        overrides.append(f"trainer.gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    overrides = args.overrides + accumulation_override(args)  # as a config value, so OUT/config.yaml records it
     config = with_data(cfg.apply_overrides(cfg.load_config(args.config), overrides), args.data)
     trainer = make_trainer(config, out, args.log_with)
     warning = single_process_launch_warning(trainer.accelerator.num_processes)

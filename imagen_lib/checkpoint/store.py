@@ -21,13 +21,21 @@ from imagen_lib.checkpoint.files import file_system, is_local, staging_folder
 POINTER_TMP = "latest.tmp-"
 
 
-def _fsync_folder(path: Union[str, Path]) -> None:
-    """Make a folder's entries (files created or renamed in it) durable."""
+def _fsync(path: Union[str, Path]) -> None:
+    """Make a file's contents, or a folder's entries (files created or renamed in it), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_durably(target: Path, data: bytes) -> None:
+    """Write ``target`` and ``fsync`` it before returning."""
+    with open(target, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class LocalStore:
@@ -61,10 +69,7 @@ class LocalStore:
         """Write ``root/name`` (its folder made first) and ``fsync`` it."""
         target = self.root / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_durably(target, data)
 
     def write_folder(self, name: str, writer: Callable[[Path], None]) -> None:
         """Let ``writer`` fill the local folder ``root/name`` in place, then ``fsync`` what it wrote."""
@@ -73,29 +78,22 @@ class LocalStore:
         writer(folder)
         for file in sorted(folder.rglob("*")):
             if file.is_file():
-                fd = os.open(file, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync(file)
 
     def sync(self, folder: str) -> None:
         """Make ``root/folder``'s whole tree of entries, and the root's own entry of it, durable."""
         top = self.root / folder
         for sub in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            _fsync_folder(sub)
-        _fsync_folder(top)
-        _fsync_folder(self.root)
+            _fsync(sub)
+        _fsync(top)
+        _fsync(self.root)
 
     def commit(self, name: str, data: bytes) -> None:
         """Replace ``root/name`` atomically: a temporary file, ``fsync``, ``os.replace``, ``fsync`` of the root."""
         tmp = self.root / f"{POINTER_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_durably(tmp, data)
         os.replace(tmp, self.root / name)
-        _fsync_folder(self.root)
+        _fsync(self.root)
 
     def remove(self, name: str) -> None:
         path = self.root / name

@@ -15,6 +15,7 @@ A :class:`DataPosition` is (epoch, batch within it, batches taken in all). Resum
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ class DataOrder:
             return loader, 0
         if isinstance(loader, DataLoader):
             return _skip_first_batches(loader, skip), skip
-        return _drop_first(loader, skip), skip
+        return itertools.islice(loader, skip, None), skip
 
 
 def start_position(loader: Iterable, start_batch: int) -> DataPosition:
@@ -144,8 +145,3 @@ def _skip_first_batches(loader, num_batches: int):
 
     return skip_first_batches(loader, num_batches)
 
-
-def _drop_first(loader: Iterable, count: int) -> Iterator[Any]:
-    for index, batch in enumerate(loader):
-        if index >= count:
-            yield batch

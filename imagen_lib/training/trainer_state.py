@@ -15,15 +15,13 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from torch import Tensor
 
 from imagen_lib import checkpoint as ckpt
+from imagen_lib.checkpoint import PathLike
 from imagen_lib.training.data_order import DataPosition
-
-PathLike = Union[str, Path]
 
 
 def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict]:
