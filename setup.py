@@ -33,6 +33,8 @@ setup(
     extras_require={
         "webdataset": ["webdataset>=0.2.80"],
         "tensorboard": ["tensorboard>=2.12"],
+        "latent": ["diffusers>=0.30"],
+        "lora": ["peft>=0.10"],
         "test": [
             "pytest>=7",
             "hypothesis>=6.0",
@@ -42,6 +44,9 @@ setup(
             "ipykernel>=6.0",
             "webdataset>=0.2.80",
             "sentencepiece>=0.1.99",
+            "tensorboard>=2.12",
+            "diffusers>=0.30",
+            "peft>=0.10",
         ],
     },
     entry_points={"console_scripts": ["imagen-lib=imagen_lib.cli:entry_point"]},

@@ -86,6 +86,31 @@ class TextEncoder(Protocol):
     def save_pretrained(self, folder: Union[str, Path]) -> None: ...
 
 
+@runtime_checkable
+class Autoencoder(Protocol):
+    """A frozen first-stage autoencoder of a latent stage (latent diffusion, seed 003's ``AutoencoderKL``).
+
+    ``encode(images)`` takes images (B, 3, H, W) in [-1, 1] and returns latents (B, latent_channels,
+    H / downsampling_factor, W / downsampling_factor) already multiplied by ``scaling_factor``;
+    ``decode(latents)`` divides by ``scaling_factor`` and returns images in about [-1, 1]. The factor is
+    applied exactly once on each side, so the diffusion process only ever sees scaled latents. ``config``
+    holds plain JSON values stored in checkpoints; ``save_pretrained(folder)`` writes the weights there.
+    """
+
+    latent_channels: int
+    downsampling_factor: int
+    scaling_factor: float
+
+    @property
+    def config(self) -> dict: ...
+
+    def encode(self, images: Tensor) -> Tensor: ...
+
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+    def save_pretrained(self, folder: Union[str, Path]) -> None: ...
+
+
 def plain_config(config: Any) -> dict:
     """A network's ``config`` as a plain dict: ``config.to_dict()`` when it has one (a config dataclass), else
     ``dict(config)``. Checkpoints store this form and configurations are compared in it."""

@@ -25,6 +25,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "imagen_lib.nn": (1, "networks"),
     "imagen_lib.diffusion": (1, "maths"),
     "imagen_lib.text": (1, "text"),
+    "imagen_lib.text_clip": (1, "text"),
+    "imagen_lib.latent": (1, "autoencoders"),
     "imagen_lib.data": (2, "data"),
     "imagen_lib.cascade": (3, "cascade"),
     "imagen_lib.cascade_checkpoint": (3, "cascade"),
