@@ -20,7 +20,8 @@ from imagen_lib.checkpoint import PathLike
 
 def stores_text_encoder(cascade: Any) -> bool:
     """Whether checkpoints of ``cascade`` hold its text encoder's files: yes when the encoder is trained or was
-    built locally (its source is ``build_tiny``), no for a frozen pretrained T5 (reloaded by name)."""
+    built locally (its source is ``build_tiny``), no for a frozen pretrained one (reloaded by name). Any kind of
+    encoder (T5, CLIP: :data:`imagen_lib.text.TEXT_ENCODERS`) is stored alike; its config records the kind."""
     encoder = cascade.text_encoder
     return encoder is not None and (encoder.trainable or "build_tiny" in encoder.config.get("source", {}))
 
@@ -49,9 +50,9 @@ def save_cascade(cascade: Any, path: PathLike, *, overwrite: bool = False, keep_
 
 
 def read_text_encoder(path: PathLike, config: dict, use_ema: bool = True):
-    """The text encoder described by ``config``, with the checkpoint's own files when it holds them (and their
-    EMA weights with ``use_ema``), else rebuilt from its source. A trained or locally built encoder whose files
-    are missing is an error, never a fresh random one."""
+    """The text encoder described by ``config`` (of its ``kind``, default T5), with the checkpoint's own files
+    when it holds them (and their EMA weights with ``use_ema``), else rebuilt from its source. A trained or
+    locally built encoder whose files are missing is an error, never a fresh random one."""
     from imagen_lib.text import text_encoder_from_config
 
     if not ckpt.has_file(path, "text_encoder"):

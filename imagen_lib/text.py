@@ -19,9 +19,11 @@ per word it was 2.7 times as large: ``benchmarks/text_signal.py``). A pretrained
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -78,6 +80,8 @@ class T5TextEncoder(nn.Module):
     ``encode(texts)`` returns ``embeds`` (B, max_length, embed_dim) with padded positions set to exactly
     0 and ``mask`` (B, max_length) bool, True for real tokens (the end-of-sequence token included).
     """
+
+    kind = "t5"
 
     def __init__(
         self, name_or_path: Union[str, Path], max_length: int = 128,
@@ -160,7 +164,8 @@ class T5TextEncoder(nn.Module):
     @property
     def config(self) -> dict:
         """Plain JSON values describing this encoder (stored in checkpoints)."""
-        return {"source": dict(self.source), "max_length": self.max_length, "trainable": self.trainable}
+        return {"kind": self.kind, "source": dict(self.source), "max_length": self.max_length,
+                "trainable": self.trainable}
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
         """Write model and tokenizer files (safetensors + JSON) to a local ``folder``."""
@@ -254,21 +259,103 @@ def word_tokenizer(vocabulary: Sequence[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def text_encoder_from_config(config: dict, folder: Union[None, str, Path] = None) -> T5TextEncoder:
-    """Rebuild an encoder from :attr:`T5TextEncoder.config`.
+def text_encoder_from_config(config: dict, folder: Union[None, str, Path] = None) -> Any:
+    """Rebuild an encoder from its ``config`` (:attr:`T5TextEncoder.config`, :attr:`CLIPTextEncoder.config
+    <imagen_lib.text_clip.CLIPTextEncoder.config>`): the class is the one :data:`TEXT_ENCODERS` names by the
+    config's ``kind`` (default ``"t5"``: configs written before kinds existed), its other keys are the class's
+    arguments.
 
     ``folder``: a local folder with saved weights (a checkpoint's copy) that takes precedence over the
     source; otherwise a ``build_tiny`` source is rebuilt from its seed and a ``name_or_path`` is loaded.
     """
     if not isinstance(config, dict) or "source" not in config:
-        raise ValueError(f"config: expected a T5TextEncoder.config dict with a 'source', got {config!r}")
+        raise ValueError(f"config: expected a text encoder's config dict with a 'source', got {config!r}")
+    cls = text_encoder_class(config.get("kind", "t5"))
     source = dict(config["source"])
-    common = {"max_length": config.get("max_length", 128), "trainable": config.get("trainable", False)}
+    common = {k: v for k, v in config.items() if k not in ("kind", "source")}
     if folder is not None:
-        return T5TextEncoder(folder, source=source, **common)
+        return cls(folder, source=source, **common)
     if "build_tiny" in source:
-        return T5TextEncoder.build_tiny(seed=source.get("seed", 0), vocabulary=source.get("vocabulary"), **common,
-                                        **source["build_tiny"])
+        return cls.build_tiny(seed=source.get("seed", 0), vocabulary=source.get("vocabulary"), **common,
+                              **source["build_tiny"])
     if "name_or_path" in source:
-        return T5TextEncoder(source["name_or_path"], **common)
+        return cls(source["name_or_path"], **common)
     raise ValueError(f"config['source']: expected 'build_tiny' or 'name_or_path', got {sorted(source)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# text-encoder kinds: one table, one builder (config blocks, checkpoints and commands all go through it)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _clip_encoder() -> type:
+    from imagen_lib.text_clip import CLIPTextEncoder  # lazy: only a clip encoder needs its module
+
+    return CLIPTextEncoder
+
+
+TEXT_ENCODERS: dict[str, Callable[[], type]] = {"t5": lambda: T5TextEncoder, "clip": _clip_encoder}
+"""Text-encoder kinds, each mapped to a function returning its class (so a kind's module is imported only when
+it is used). Every class is built as ``cls(name_or_path, **options)`` or ``cls.build_tiny(seed=..,
+vocabulary=.., **options)`` and has ``kind``, ``config`` and ``save_pretrained``; :func:`register_text_encoder`
+adds your own."""
+
+# transformers' model_type -> kind, for a folder or hub name given without a kind
+MODEL_TYPE_KINDS = {"t5": "t5", "mt5": "t5", "umt5": "t5", "clip": "clip", "clip_text_model": "clip"}
+
+
+def register_text_encoder(cls: type, kind: Optional[str] = None) -> type:
+    """Let configs and checkpoints build encoders of class ``cls`` by ``kind`` (default ``cls.kind``); returns
+    ``cls``, so it also works as a class decorator. Its ``config`` must then hold ``"kind": kind``."""
+    if not isinstance(cls, type):
+        raise TypeError(f"cls: expected a class, got {type(cls).__name__}")
+    kind = getattr(cls, "kind", None) if kind is None else kind
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind: expected a non-empty name (or a class with a 'kind' attribute), got {kind!r}")
+    if kind in TEXT_ENCODERS and TEXT_ENCODERS[kind]() is not cls:
+        raise ValueError(f"kind: {kind!r} already names {TEXT_ENCODERS[kind]().__qualname__}; choose another name")
+    TEXT_ENCODERS[kind] = lambda: cls
+    return cls
+
+
+def text_encoder_class(kind: str) -> type:
+    """The encoder class of ``kind`` (a key of :data:`TEXT_ENCODERS`)."""
+    if kind not in TEXT_ENCODERS:
+        raise ValueError(f"kind: expected a text encoder kind, one of {sorted(TEXT_ENCODERS)}, got {kind!r}")
+    return TEXT_ENCODERS[kind]()
+
+
+def infer_text_encoder_kind(name_or_path: Union[str, Path]) -> str:
+    """The kind of the encoder saved at ``name_or_path``, from its ``config.json``'s ``model_type`` (a local
+    folder, its ``text_encoder/`` in a Stable Diffusion pipeline folder, or a hub name through
+    ``transformers.AutoConfig``)."""
+    root = Path(name_or_path)
+    files = [f for f in (root / "config.json", root / "text_encoder" / "config.json") if f.is_file()]
+    if files:
+        model_type = json.loads(files[0].read_text(encoding="utf-8")).get("model_type")
+    elif root.is_dir():
+        raise ValueError(f"name_or_path: {name_or_path} holds no config.json; is it a saved text encoder?")
+    else:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(str(name_or_path)).model_type
+    if model_type not in MODEL_TYPE_KINDS:
+        raise ValueError(f"name_or_path: {name_or_path} holds a {model_type!r} model, not one of the text encoders "
+                         f"{sorted(MODEL_TYPE_KINDS)}; pass its kind (one of {sorted(TEXT_ENCODERS)}) to choose")
+    return MODEL_TYPE_KINDS[model_type]
+
+
+def load_text_encoder(name_or_path: Union[str, Path], kind: Optional[str] = None, **options: Any) -> Any:
+    """The encoder saved at ``name_or_path`` (a hub name or local folder), built by the class of ``kind``
+    [None: :func:`infer_text_encoder_kind`] with ``options`` (its arguments: ``max_length``, ``dtype``,
+    ``device``, ``trainable``, ``layer`` for CLIP, ...; a None value leaves the class's default). An option
+    the class does not take is an error that names it."""
+    kind = infer_text_encoder_kind(name_or_path) if kind is None else kind
+    cls = text_encoder_class(kind)
+    options = {name: value for name, value in options.items() if value is not None}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "name_or_path"}
+    for name in options:
+        if name not in accepted:
+            raise ValueError(f"{name}: not an option of a {kind!r} text encoder ({cls.__name__}: "
+                             f"{', '.join(sorted(accepted))})")
+    return cls(name_or_path, **options)

@@ -208,7 +208,7 @@ def test_configs_round_trip_through_json():
         assert rebuilt.config == proc.config
         assert diffusion_from_config(type(proc).__name__, config).config == proc.config
         assert proc.default_sampler in SAMPLERS
-    assert set(DIFFUSIONS) == {"GaussianDiffusionContinuous", "ElucidatedDiffusion"}
+    assert set(DIFFUSIONS) == {"GaussianDiffusionContinuous", "ElucidatedDiffusion", "DiscreteDiffusion"}
     assert ElucidatedDiffusion().sigmas(4)[0].item() == pytest.approx(80.0)
     with pytest.raises(ValueError, match="kind"):
         diffusion_from_config("DDPM", {})

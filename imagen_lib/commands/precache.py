@@ -1,4 +1,5 @@
-"""``imagen-lib precache --encoder NAME_OR_PATH INPUT OUTPUT``: encode every caption once with a T5.
+"""``imagen-lib precache --encoder NAME_OR_PATH INPUT OUTPUT``: encode every caption once with a text encoder
+(a T5 or a CLIP: ``--encoder-kind``, default read from the folder's ``config.json``).
 
 INPUT is one of
 - an image-caption folder (``cat.png`` + ``cat.txt``): OUTPUT is a memory-mapped embedding store (a local
@@ -17,13 +18,16 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
+from imagen_lib.commands.sample import add_encoder_options, build_encoder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="INPUT", help="image-caption folder, captions .txt file, or shard URLs")
     parser.add_argument("output", metavar="OUTPUT", help="embedding store folder, or output shard folder")
     parser.add_argument("--encoder", required=True, metavar="NAME_OR_PATH",
-                        help="T5 hub name (e.g. google/t5-v1_1-xxl) or local folder with model + tokenizer")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per caption (default 128)")
+                        help="text encoder hub name (e.g. google/t5-v1_1-xxl, openai/clip-vit-large-patch14) or local "
+                             "folder with model + tokenizer")
+    add_encoder_options(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="captions encoded at once (default 64)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -56,13 +60,12 @@ def fastest_device() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from imagen_lib.data.precache import precache_captions, precache_shards
-    from imagen_lib.text import T5TextEncoder
 
     kind = input_kind(args.input)
-    if args.batch_size < 1 or args.max_length < 1:
+    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
         raise SystemExit("imagen-lib precache: --batch-size and --max-length must be positive")
     device = args.device or fastest_device()
-    encoder = T5TextEncoder(args.encoder, max_length=args.max_length, dtype=args.dtype, device=device)
+    encoder = build_encoder(args, device, dtype=args.dtype)
     progress = not args.no_progress
     if kind == "shards":
         urls = precache_shards(encoder, args.input, args.output, batch_size=args.batch_size, progress=progress)

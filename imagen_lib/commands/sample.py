@@ -45,10 +45,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     parser.add_argument("--encoder", default=None, metavar="NAME_OR_FOLDER",
-                        help="T5 encoder for the prompts when the checkpoint holds none (trained on precomputed "
+                        help="text encoder for the prompts when the checkpoint holds none (trained on precomputed "
                              "embeddings): the same model the embeddings came from, a hub name or a local folder")
-    parser.add_argument("--max-length", type=int, default=128, help="token limit for --encoder (default 128)")
+    add_encoder_options(parser)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def add_encoder_options(parser: argparse.ArgumentParser) -> None:
+    """``--encoder-kind``, ``--max-length`` and ``--layer``: how ``--encoder`` is built (also ``imagen-lib
+    precache``'s)."""
+    parser.add_argument("--encoder-kind", default=None, choices=["t5", "clip"],
+                        help="text encoder kind of --encoder (default: read from its config.json's model_type)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per caption for --encoder (default: the encoder's, T5 128, CLIP 77)")
+    parser.add_argument("--layer", default=None, choices=["last", "penultimate"],
+                        help="CLIP only: the layer whose output conditions the images (default penultimate, SD 2; "
+                             "last for SD 1.x)")
+
+
+def build_encoder(args: argparse.Namespace, device, dtype=None):
+    """The encoder named by ``--encoder`` with ``--encoder-kind``, ``--max-length`` and ``--layer`` (through the
+    one text-encoder builder, :func:`imagen_lib.text.load_text_encoder`); errors name the option."""
+    from imagen_lib.text import load_text_encoder
+
+    try:
+        return load_text_encoder(args.encoder, args.encoder_kind, max_length=args.max_length, layer=args.layer,
+                                 dtype=dtype, device=device)
+    except ValueError as error:
+        option = {"max_length": "--max-length", "layer": "--layer", "kind": "--encoder-kind"}
+        name = str(error).split(":", 1)[0]
+        raise ValueError(f"{option.get(name, '--encoder')}: {error}") from error
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -68,13 +94,12 @@ def attach_encoder(cascade, args: argparse.Namespace, device):
     if args.encoder is None:
         if cascade.text_encoder is None and cascade.text_embed_dim is not None:
             raise SystemExit("imagen-lib sample: this checkpoint holds no text encoder (it was trained on "
-                             "precomputed embeddings); pass --encoder with the T5 name or folder they came from")
+                             "precomputed embeddings); pass --encoder with the encoder's name or folder they came "
+                             "from")
         return cascade
     if cascade.text_encoder is not None:
         raise SystemExit("imagen-lib sample: --encoder given, but the checkpoint already holds its text encoder")
-    from imagen_lib.text import T5TextEncoder
-
-    encoder = T5TextEncoder(args.encoder, max_length=args.max_length, device=device)
+    encoder = build_encoder(args, device)
     if encoder.embed_dim != cascade.text_embed_dim:
         raise SystemExit(f"imagen-lib sample: --encoder {args.encoder} gives {encoder.embed_dim}-wide embeddings, "
                          f"the checkpoint's networks expect {cascade.text_embed_dim}")
@@ -153,7 +178,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     check_int("--num-images-per-prompt", args.num_images_per_prompt, low=1)
     check_int("--batch-size", args.batch_size, low=1)
-    check_int("--max-length", args.max_length, low=1)
+    check_int("--max-length", args.max_length, low=1, optional=True)
     check_seed("--seed", args.seed)
     sampler_arguments(args)
     if args.strength is not None and args.init_image is None:

@@ -40,17 +40,19 @@ Config = Union[dict, RunConfig]
 
 
 def build_text_encoder(block: Union[None, dict, TextEncoderConfig]):
-    """A :class:`~imagen_lib.text.T5TextEncoder` from a ``text_encoder`` block (None when the block is empty)."""
+    """The text encoder of a ``text_encoder`` block (None when the block is empty): the class its ``kind`` names
+    in :data:`imagen_lib.text.TEXT_ENCODERS` (default ``t5``), loaded by name or built with ``build_tiny``."""
     if not block:
         return None
-    from imagen_lib.text import T5TextEncoder  # lazy: transformers is heavy
+    from imagen_lib.text import load_text_encoder, text_encoder_class  # lazy: transformers is heavy
 
     te = block if isinstance(block, TextEncoderConfig) else from_dict(TextEncoderConfig, block, "text_encoder")
     if te.name_or_path is not None:
-        return T5TextEncoder(te.name_or_path, max_length=te.max_length, dtype=te.dtype, trainable=te.trainable)
-    with _block_errors("text_encoder", keys=field_names(TextEncoderConfig), rename={"t5_config": "build_tiny"}):
-        return T5TextEncoder.build_tiny(seed=te.seed, max_length=te.max_length, trainable=te.trainable,
-                                        vocabulary=_vocabulary(te.vocabulary), **te.build_tiny)
+        return load_text_encoder(te.name_or_path, te.kind, dtype=te.dtype, **te.options())
+    rename = {"t5_config": "build_tiny", "clip_config": "build_tiny"}
+    with _block_errors("text_encoder", keys=field_names(TextEncoderConfig), rename=rename):
+        return text_encoder_class(te.kind).build_tiny(seed=te.seed, vocabulary=_vocabulary(te.vocabulary),
+                                                      **te.options(), **te.build_tiny)
 
 
 @contextlib.contextmanager

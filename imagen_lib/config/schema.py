@@ -34,34 +34,67 @@ def _at_least(name: str, value: Optional[int], low: int, what: str = "an int") -
 
 @dataclass
 class TextEncoderConfig:
-    """``text_encoder``: a T5 loaded by name, or a small random T5 built locally.
+    """``text_encoder``: a pretrained encoder loaded by name, or a small random one built locally.
 
     Attributes:
-        name_or_path: a hub name or a local folder (``google/t5-v1_1-base``); or instead
-        build_tiny: ``T5Config`` fields of a small random T5 built locally (``{d_model: 64}``) ...
+        kind: ``t5`` (default; Imagen) or ``clip`` (Stable Diffusion), a key of
+            :data:`imagen_lib.text.TEXT_ENCODERS`.
+        name_or_path: a hub name or a local folder (``google/t5-v1_1-base``, ``openai/clip-vit-large-patch14``);
+            or instead
+        build_tiny: model config fields of a small random encoder built locally (``T5Config``'s ``{d_model: 64}``,
+            ``CLIPTextConfig``'s ``{hidden_size: 64}``) ...
         seed: ... from this seed, default 0 ...
         vocabulary: ... with a word-level tokenizer: ``shapes`` (the built-in captions' words) or a list of
-            words; default None: bytes (ByT5's tokenizer).
-        max_length: tokens per caption, default 128.
+            words; default None: bytes (ByT5's tokenizer for T5, one token per character for CLIP).
+        max_length: tokens per caption, default None: the encoder class's default (T5 128, CLIP 77), for a
+            ``build_tiny`` encoder too.
         trainable: train it jointly with the cascade, default False.
-        dtype: the weights' dtype of a loaded T5 (``bfloat16``), default None (as saved).
+        dtype: the weights' dtype of a loaded encoder (``bfloat16``), default None (as saved).
+        layer: CLIP only: ``penultimate`` (SD 2, seed 003) or ``last`` (SD 1.x), default None: ``penultimate``.
+        mask_padding: CLIP only: mask padded tokens out (True) or attend all of them as SD does (False, the
+            default when None).
     """
 
+    kind: str = "t5"
     name_or_path: Optional[str] = None
     build_tiny: Optional[dict] = None
     seed: int = 0
     vocabulary: Union[None, str, list[str]] = None
-    max_length: int = 128
+    max_length: Optional[int] = None
     trainable: bool = False
     dtype: Optional[str] = None
+    layer: Optional[Literal["last", "penultimate"]] = None
+    mask_padding: Optional[bool] = None
 
     def __post_init__(self):
+        from imagen_lib.text import TEXT_ENCODERS
+
+        if self.kind not in TEXT_ENCODERS:
+            raise ValueError(f"kind: expected a text encoder kind, one of {sorted(TEXT_ENCODERS)}, got {self.kind!r}")
         if (self.name_or_path is None) == (self.build_tiny is None):
             raise ValueError("name_or_path: expected exactly one of name_or_path and build_tiny")
         if isinstance(self.vocabulary, str) and self.vocabulary != "shapes" or self.vocabulary == []:
             raise ValueError(f"vocabulary: expected 'shapes' or a list of words, got {self.vocabulary!r}")
+        for name in ("layer", "mask_padding"):
+            if getattr(self, name) is not None and self.kind != "clip":
+                raise ValueError(f"{name}: a CLIP option (kind: clip); this text_encoder's kind is {self.kind!r}")
         _at_least("max_length", self.max_length, 1)
         check_seed("seed", self.seed)
+
+    def options(self) -> dict:
+        """The encoder's keyword arguments this block sets (None values leave the encoder's defaults; a None
+        ``max_length`` is the class constructor's default, which ``build_tiny`` then gets too)."""
+        import inspect
+
+        from imagen_lib.text import text_encoder_class
+
+        max_length = self.max_length
+        if max_length is None:
+            parameter = inspect.signature(text_encoder_class(self.kind)).parameters.get("max_length")
+            max_length = None if parameter is None or parameter.default is parameter.empty else parameter.default
+        options = {"max_length": max_length, "trainable": self.trainable, "layer": self.layer,
+                   "mask_padding": self.mask_padding}
+        return {name: value for name, value in options.items() if value is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,9 +122,10 @@ class NetworkBlock:
 
 @dataclass
 class DiffusionBlock:
-    """``diffusion``: ``{kind: ElucidatedDiffusion | GaussianDiffusionContinuous, config: {...}}`` with the
-    class's own argument names (``P_mean``, ``P_std``, ``pred_objective``, ...); default EDM with the paper's
-    values."""
+    """``diffusion``: ``{kind: ElucidatedDiffusion | GaussianDiffusionContinuous | DiscreteDiffusion, config:
+    {...}}`` with the class's own argument names (``P_mean``, ``P_std``, ``pred_objective``, ``beta_schedule``,
+    ``parameterization``, ...); default EDM with the paper's values. ``DiscreteDiffusion`` is Stable Diffusion's
+    discrete schedule (``scaled_linear``, 1000 steps, ``eps`` or ``v``)."""
 
     kind: str = "ElucidatedDiffusion"
     config: dict = field(default_factory=dict)
