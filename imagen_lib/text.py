@@ -353,9 +353,11 @@ def load_text_encoder(name_or_path: Union[str, Path], kind: Optional[str] = None
     kind = infer_text_encoder_kind(name_or_path) if kind is None else kind
     cls = text_encoder_class(kind)
     options = {name: value for name, value in options.items() if value is not None}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "name_or_path"}
+    parameters = inspect.signature(cls.__init__).parameters
+    accepted = set(parameters) - {"self", "name_or_path"}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())  # a wrapper passes everything on
     for name in options:
-        if name not in accepted:
+        if name not in accepted and not takes_any:
             raise ValueError(f"{name}: not an option of a {kind!r} text encoder ({cls.__name__}: "
                              f"{', '.join(sorted(accepted))})")
     return cls(name_or_path, **options)
