@@ -67,12 +67,18 @@ def _hand_loss(proc, net, x0, t, eps):
     x_t = a * x0.double() + s * eps.double()
     out = net(x_t.float(), (t.double() / 1000).float()).double()
     target = eps.double() if proc.parameterization == "eps" else a * eps.double() - s * x0.double()
-    return ((out - target) ** 2).flatten(1).mean(1)
+    loss = ((out - target) ** 2).flatten(1).mean(1)
+    if proc.min_snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023)
+        snr = (abar / (1 - abar)).flatten()
+        loss = loss * torch.minimum(snr, torch.tensor(proc.min_snr_gamma, dtype=F64)) / (
+            snr if proc.parameterization == "eps" else snr + 1)
+    return loss
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
-def test_losses_equal_hand_computed_values(parameterization):
-    proc = DiscreteDiffusion(parameterization=parameterization)
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_losses_equal_hand_computed_values(parameterization, gamma):
+    proc = DiscreteDiffusion(parameterization=parameterization, min_snr_gamma=gamma)
     net = lambda x, c: 0.7 * x + c.reshape(-1, 1, 1, 1)  # noqa: E731
     x0 = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
     # fixed timesteps: the noise is the generator's only draw
@@ -208,7 +214,7 @@ def test_v_parameterization_round_trips_a_mixture_in_float64():
 
 
 def test_config_round_trip_registration_and_errors():
-    proc = DiscreteDiffusion("linear", 500, 0.0001, 0.02, "v", "huber", "leading", "raw", "ddim", 50)
+    proc = DiscreteDiffusion("linear", 500, 0.0001, 0.02, "v", "huber", 5.0, "leading", "raw", "ddim", 50)
     config = json.loads(json.dumps(proc.config))
     assert DiscreteDiffusion(**config).config == proc.config
     assert DIFFUSIONS["DiscreteDiffusion"] is DiscreteDiffusion and diffusion_kind(proc) == "DiscreteDiffusion"
@@ -216,7 +222,8 @@ def test_config_round_trip_registration_and_errors():
     bad = [({"beta_schedule": "cosine"}, "beta_schedule"), ({"parameterization": "x0"}, "parameterization"),
            ({"timestep_spacing": "linspace"}, "timestep_spacing"), ({"timestep_cond": "log"}, "timestep_cond"),
            ({"beta_start": 0.02, "beta_end": 0.01}, "beta_start"), ({"num_train_timesteps": 1}, "num_train"),
-           ({"loss_type": "l3"}, "loss_type"), ({"default_steps": 0}, "default_steps")]
+           ({"loss_type": "l3"}, "loss_type"), ({"default_steps": 0}, "default_steps"),
+           ({"min_snr_gamma": 0.0}, "min_snr_gamma")]
     for kwargs, name in bad:
         with pytest.raises(ValueError, match=f"^{name}"):
             DiscreteDiffusion(**kwargs)

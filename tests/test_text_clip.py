@@ -235,3 +235,5 @@ def test_precache_and_sample_commands_with_a_clip_folder(clip_dir, tmp_path):
     assert main(["sample", str(tmp_path / "ck"), "--prompt", "a red circle", "--out", str(out), "--encoder",
                  str(clip_dir), "--layer", "last", "--device", "cpu"]) == 0
     assert np.array_equal(np.asarray(Image.open(out / "0000.png")), np.asarray(to_pil(want[0])))
+    with pytest.raises(ValueError, match="^--layer: given without --encoder"):
+        main(["sample", str(tmp_path / "ck"), "--prompt", "a", "--out", str(out), "--layer", "last"])

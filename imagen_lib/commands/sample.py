@@ -54,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_encoder_options(parser: argparse.ArgumentParser) -> None:
     """``--encoder-kind``, ``--max-length`` and ``--layer``: how ``--encoder`` is built (also ``imagen-lib
     precache``'s)."""
-    parser.add_argument("--encoder-kind", default=None, choices=["t5", "clip"],
-                        help="text encoder kind of --encoder (default: read from its config.json's model_type)")
+    parser.add_argument("--encoder-kind", default=None, metavar="KIND",
+                        help="text encoder kind of --encoder, t5 or clip (imagen_lib.text.TEXT_ENCODERS; default: "
+                             "read from its config.json's model_type)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per caption for --encoder (default: the encoder's, T5 128, CLIP 77)")
     parser.add_argument("--layer", default=None, choices=["last", "penultimate"],
@@ -179,6 +180,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_int("--num-images-per-prompt", args.num_images_per_prompt, low=1)
     check_int("--batch-size", args.batch_size, low=1)
     check_int("--max-length", args.max_length, low=1, optional=True)
+    for option, value in (("--encoder-kind", args.encoder_kind), ("--layer", args.layer)):
+        if value is not None and args.encoder is None:
+            raise ValueError(f"{option}: given without --encoder (it says how that encoder is built)")
     check_seed("--seed", args.seed)
     sampler_arguments(args)
     if args.strength is not None and args.init_image is None:

@@ -74,7 +74,10 @@ class DiscreteDiffusion:
         num_train_timesteps: T, 1000.
         beta_start, beta_end: 0.00085 and 0.012.
         parameterization: ``"eps"`` (default; SD 1.x, SD 2 base) or ``"v"`` (SD 2 768-v).
-        loss_type: ``"l2"`` (default, SD's), ``"l1"`` or ``"huber"``, on the prediction, unweighted.
+        loss_type: ``"l2"`` (default, SD's), ``"l1"`` or ``"huber"``, on the prediction.
+        min_snr_gamma: if set, Min-SNR-gamma loss weighting (Hang et al. 2023, paper value 5; popular for SD
+            fine-tuning), ``min(snr, gamma) / snr`` for eps and ``min(snr, gamma) / (snr + 1)`` for v, with ``snr =
+            alphabar / (1 - alphabar)``; default None (unweighted, SD's).
         timestep_spacing: the sampling grid's timesteps (:meth:`timesteps`): ``"trailing"`` (default; starts at
             ``T - 1``, the noisiest level trained, so sampling starts from what the network knows: Lin et al.
             2024) or ``"leading"`` (SD's original DDIM/PNDM grid, ``T // steps`` apart from timestep 1, which
@@ -89,7 +92,8 @@ class DiscreteDiffusion:
     def __init__(
         self, beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear", num_train_timesteps: int = 1000,
         beta_start: float = 0.00085, beta_end: float = 0.012, parameterization: Literal["eps", "v"] = "eps",
-        loss_type: LossType = "l2", timestep_spacing: Literal["trailing", "leading"] = "trailing",
+        loss_type: LossType = "l2", min_snr_gamma: Optional[float] = None,
+        timestep_spacing: Literal["trailing", "leading"] = "trailing",
         timestep_cond: Literal["scaled", "raw"] = "scaled", default_sampler: str = "dpmpp_2m",
         default_steps: int = 25,
     ):
@@ -97,12 +101,14 @@ class DiscreteDiffusion:
         self.betas = discrete_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
         _check_choice("parameterization", parameterization, ("eps", "v"))
         _check_choice("loss_type", loss_type, _LOSS_TYPES)
+        min_snr_gamma = check_number("min_snr_gamma", min_snr_gamma, low=0, low_open=True, optional=True)
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         _check_choice("timestep_cond", timestep_cond, ("scaled", "raw"))
         _check_defaults(default_sampler, default_steps)
         self.beta_schedule, self.num_train_timesteps = beta_schedule, int(num_train_timesteps)
         self.beta_start, self.beta_end = float(beta_start), float(beta_end)
         self.parameterization, self.loss_type = parameterization, loss_type
+        self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         self.timestep_spacing, self.timestep_cond = timestep_spacing, timestep_cond
         self.default_sampler, self.default_steps = default_sampler, int(default_steps)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # float64 (T,)
@@ -113,7 +119,7 @@ class DiscreteDiffusion:
     def config(self) -> dict:
         """Plain JSON values; ``DiscreteDiffusion(**proc.config)`` rebuilds this process."""
         keys = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "parameterization", "loss_type",
-                "timestep_spacing", "timestep_cond", "default_sampler", "default_steps")
+                "min_snr_gamma", "timestep_spacing", "timestep_cond", "default_sampler", "default_steps")
         return {k: getattr(self, k) for k in keys}
 
     def __repr__(self) -> str:
@@ -179,7 +185,16 @@ class DiscreteDiffusion:
         eps = randn(x0.shape, generator, x0.device, x0.dtype)
         out = net(alpha * x0 + sigma_vp * eps, self.noise_cond(t.to(x0.dtype)), **net_kwargs).to(x0.dtype)
         target = eps if self.parameterization == "eps" else alpha * eps - sigma_vp * x0
-        return _reduce(_loss(out, target, self.loss_type), reduction, sample_weight)
+        per_sample = _loss(out, target, self.loss_type) * self.loss_weight(abar).to(x0.dtype)
+        return _reduce(per_sample, reduction, sample_weight)
+
+    def loss_weight(self, alphas_cumprod: Tensor) -> Tensor:
+        """Min-SNR-gamma weight at these ``alphabar`` values (1 when ``min_snr_gamma`` is None)."""
+        if self.min_snr_gamma is None:
+            return torch.ones_like(alphas_cumprod)
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return clipped / snr if self.parameterization == "eps" else clipped / (snr + 1)
 
     def _check_t(self, t, batch: int, device) -> Tensor:
         t = torch.as_tensor(t, device=device)
