@@ -200,13 +200,20 @@ def test_a_cascade_with_a_trained_clip_encoder_trains_saves_loads_and_samples_bi
     assert torch.equal(a, ema.sample(["a red circle"], seed=2, disable_progress=True))
 
 
-def test_a_frozen_clip_cascade_saves_loads_and_samples_bit_identically(clip_dir, tmp_path):
+@pytest.mark.parametrize("source", ["build_tiny", "folder"])
+def test_a_frozen_clip_cascade_saves_loads_and_samples_bit_identically(clip_dir, tmp_path, source):
+    from imagen_lib import checkpoint as ckpt
     from imagen_lib.cascade import Cascade
 
-    cascade = tiny_cascade(text_encoder=CLIPTextEncoder.build_tiny(vocabulary=WORDS, **CLIP_KWARGS))
+    enc = (CLIPTextEncoder.build_tiny(vocabulary=WORDS, **CLIP_KWARGS) if source == "build_tiny"
+           else CLIPTextEncoder(clip_dir, layer="last"))
+    cascade = tiny_cascade(text_encoder=enc)
     cascade(images(4, 16), texts=TEXTS * 2, generator=torch.Generator().manual_seed(0)).backward()
     cascade.save(tmp_path / "ck")
+    # a locally built encoder is stored with the checkpoint, a pretrained frozen one is reloaded from its folder
+    assert ckpt.has_file(ckpt.resolve(tmp_path / "ck"), "text_encoder") == (source == "build_tiny")
     loaded = Cascade.from_checkpoint(tmp_path / "ck")
+    assert isinstance(loaded.text_encoder, CLIPTextEncoder) and loaded.text_encoder.config == enc.config
     a = cascade.eval().sample(TEXTS, seed=1, disable_progress=True)
     assert torch.equal(a, loaded.sample(TEXTS, seed=1, disable_progress=True))
 
