@@ -279,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       ema_beta=0.995, ema_update_after_step=0, ema_update_every=1)
     torch.manual_seed(args.seed + trainer.accelerator.process_index)
     what = "LoRA adapter weights" if args.lora else "trained parameters"
-    words = f" and {len(new_words)} new word embeddings" if new_words else ""
+    words = f" and the embeddings of {new_words}" if new_words else ""
     trainer.accelerator.print(f"fine-tuning stage {k} ({trained:,} {what}{words}) at lr {lr:g} for {args.steps} steps")
 
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,

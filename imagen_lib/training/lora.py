@@ -19,14 +19,17 @@ Adapters go on the attention projections (``to_q``, ``to_kv``, ``to_kv_text``, `
 :class:`~imagen_lib.nn.attention.FeedForward` (named ``feed_forward`` here) by default; any ``nn.Linear`` may be
 targeted by the last part of its name (e.g. ``cond_proj``). An adapter folder is a checkpoint of its own
 (:mod:`imagen_lib.checkpoint`: safetensors + JSON, versioned, never pickled): ``stage{k}.safetensors`` (the
-adapters as trained), ``stage{k}.ema.safetensors`` (their EMA, when a Trainer saved them) and ``config.json`` (rank,
-alpha, dropout, targets and the network each was trained on). A cascade's own checkpoint refuses weights that hold
+adapters as trained), ``stage{k}.ema.safetensors`` (their EMA, when a Trainer saved them), ``config.json`` (rank,
+alpha, dropout, targets and the network each was trained on) and, when the word-level text encoder learned new
+words with them (:mod:`imagen_lib.training.vocabulary`), those words' embedding rows
+(``text_encoder.words[.ema].safetensors``). A cascade's own checkpoint refuses weights that hold
 adapters (:func:`imagen_lib.cascade_checkpoint.write_cascade_checkpoint`): save them here or merge them first.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -160,8 +163,37 @@ def save_lora(source: Any, path: PathLike, *, base: Optional[PathLike] = None, o
         if trainer is not None:
             tensors[f"stage{k}.ema"] = lora_weights(trainer.stages[k].ema.ema_model)
         specs[str(k)] = {**getattr(net, _SPEC), "network": cascade.stages[k].config["network"]}
-    config = {"format": FORMAT, "stages": specs, "base": None if base is None else str(base)}
+    words = [] if cascade.text_encoder is None else list(cascade.text_encoder.source.get("added_words", []))
+    if words:  # words the encoder learned with the adapters (imagen_lib.training.vocabulary) go with them
+        tensors["text_encoder.words"] = {"weight": _word_rows(cascade.text_encoder.model, cascade, words)}
+        if trainer is not None and trainer.text_ema is not None:
+            tensors["text_encoder.words.ema"] = {"weight": _word_rows(trainer.text_ema.ema_model, cascade, words)}
+    config = {"format": FORMAT, "stages": specs, "base": None if base is None else str(base), "added_words": words}
     return ckpt.write_checkpoint(path, config=config, tensors=tensors, overwrite=overwrite)
+
+
+def _word_rows(model: nn.Module, cascade: Cascade, words: list[str]) -> Tensor:
+    vocab = cascade.text_encoder.word_vocabulary
+    return model.get_input_embeddings().weight.detach()[[vocab[w] for w in words]]
+
+
+def _load_words(cascade: Cascade, path: str, words: list[str], use_ema: bool) -> None:
+    """Add the words saved with the adapters to the cascade's word-level encoder, with their embedding rows."""
+    encoder = cascade.text_encoder
+    if encoder is None:
+        warnings.warn(f"cascade: has no text encoder, so the words {words} saved with the adapters at {path} are "
+                      "not added (precomputed embeddings must hold them)", stacklevel=3)
+        return
+    name = "text_encoder.words.ema" if use_ema and ckpt.has_file(path, "text_encoder.words.ema.safetensors") \
+        else "text_encoder.words"
+    rows = ckpt.read_tensors(path, name)["weight"]
+    if rows.shape != (len(words), encoder.embed_dim) or not torch.isfinite(rows).all():
+        raise ValueError(f"{name}.safetensors in {path}: expected {len(words)} finite rows of width "
+                         f"{encoder.embed_dim}, got shape {tuple(rows.shape)}")
+    encoder.extend_vocabulary(words)  # a ValueError naming 'words' when the encoder is not word-level
+    vocab, table = encoder.word_vocabulary, encoder.model.get_input_embeddings().weight
+    with torch.no_grad():
+        table[[vocab[w] for w in words]] = rows.to(table.device, table.dtype)
 
 
 def _read_lora_config(path: str) -> dict:
@@ -191,7 +223,8 @@ def _load_adapter_weights(net: nn.Module, tensors: dict[str, Tensor], where: str
 
 def load_lora(cascade: Cascade, path: PathLike, *, use_ema: bool = True) -> Cascade:
     """Add the adapters saved at ``path`` (by :func:`save_lora`) to ``cascade`` (the base they were trained on):
-    their EMA weights when saved and ``use_ema`` [True], else the trained ones. Returns ``cascade``; its base
+    their EMA weights when saved and ``use_ema`` [True], else the trained ones; new words saved with them are
+    added to the cascade's word-level text encoder with their embedding rows. Returns ``cascade``; its base
     weights are left as they are and frozen, the adapters trainable, as after :func:`add_lora` (a Trainer built
     now continues training them); :func:`merge_lora` folds the adapters into the base weights."""
     if not isinstance(cascade, Cascade):
@@ -211,6 +244,8 @@ def load_lora(cascade: Cascade, path: PathLike, *, use_ema: bool = True) -> Casc
                                                  spec["target_modules"]))
         stage.net.to(device)
         _load_adapter_weights(stage.net, tensors, f"{name}.safetensors in {path}")
+    if config.get("added_words"):
+        _load_words(cascade, path, list(config["added_words"]), use_ema)
     return cascade
 
 
