@@ -178,7 +178,9 @@ def test_finetune_with_lora_teaches_the_new_colour_as_a_word_of_its_own(word_lev
     prompts = ["a pink circle", "a red square"]
     ours = adapted.sample(prompts, seed=0, disable_progress=True)
     torch.testing.assert_close(ours, new.sample(prompts, seed=0, disable_progress=True), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(ours, old.sample(prompts, seed=0, disable_progress=True), atol=1e-3)
+    with pytest.warns(UserWarning, match=r"does not know \['pink'\]"):  # the original reads it as <unk>
+        before_tuning = old.sample(prompts, seed=0, disable_progress=True)
+    assert not torch.allclose(ours, before_tuning, atol=1e-3)
 
 
 def test_finetune_lora_options_are_checked(word_level, tmp_path):
