@@ -4,6 +4,8 @@
         --new-color pink --steps 500
     python examples/finetune.py --checkpoint runs/shapes/checkpoint --stage 1 --out runs/sr-ft \\
         --data path/to/images --freeze dblocks
+    python examples/finetune.py --checkpoint runs/shapes/checkpoint --stage 0 --out runs/shapes-pink-lora \\
+        --new-color pink --lora --lora-rank 8
 
 The recipe: load the cascade with ``Cascade.from_checkpoint`` (EMA weights: the ones that sample best), train
 stage k with a fresh optimizer at a lower learning rate (default: a tenth of the original run's), optionally
@@ -11,13 +13,21 @@ with parts of its network frozen, then write a new checkpoint folder. The origin
 stages' files (raw and EMA weights) are carried over unchanged, so the new checkpoint samples exactly like the
 old one everywhere but stage k. Works under ``accelerate launch`` too (only the main process writes).
 
+With ``--lora`` the stage's base weights stay frozen and LoRA adapters on its attention and feed-forward projections
+are trained instead (``imagen_lib.training.lora``, through peft): they are written to ``OUT/lora`` (safetensors +
+JSON, loadable onto the original with ``load_lora``), and ``OUT`` holds the cascade with them merged.
+
 The default data teaches the shapes model a colour it never saw: a share of the built-in shapes is repainted
-in ``--new-color`` and their captions say so ("a pink circle on the left").
+in ``--new-color`` and their captions say so ("a pink circle on the left"). A word-level text encoder does not
+know that word (it would read it as ``<unk>``, like every other unknown word): the script adds the captions' new
+words to its vocabulary and trains their embedding rows with the stage, every other word staying as it was
+(``--keep-vocabulary`` turns this off).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 import tempfile
@@ -30,7 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from imagen_lib import Cascade, ShapesDataset, Trainer
 from imagen_lib import checkpoint as ckpt
+from imagen_lib.cascade_checkpoint import read_text_encoder
 from imagen_lib.data import shapes
+from imagen_lib.training.lora import add_lora, has_lora, merge_lora, save_lora
+from imagen_lib.training.vocabulary import fold_new_words, learn_new_words
 
 # Colours absent from the shapes data set (its palette is imagen_lib.data.shapes.COLORS), as RGB in 0..255.
 NEW_COLORS: dict[str, tuple[int, int, int]] = {"pink": (245, 130, 190), "cyan": (40, 200, 210), "brown": (130, 80, 40)}
@@ -56,6 +69,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--freeze", action="append", default=[], metavar="PREFIX",
                         help="freeze the stage's parameters whose names start with PREFIX (repeatable), e.g. "
                              "'cond', 'down' (Unet), 'dblocks' (EfficientUnet)")
+    parser.add_argument("--lora", action="store_true",
+                        help="train LoRA adapters (peft) instead of the stage's weights; written to OUT/lora too")
+    parser.add_argument("--lora-rank", type=int, default=4, help="the adapters' rank (default 4)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="their scale numerator (default: the rank)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on their input (default 0)")
+    parser.add_argument("--lora-target", action="append", default=None, metavar="NAME",
+                        help="a Linear layer name to adapt (repeatable; default: the attention projections to_q, "
+                             "to_kv, to_kv_text, proj_out and feed_forward)")
+    parser.add_argument("--keep-vocabulary", action="store_true",
+                        help="do not add the captions' unknown words to a word-level text encoder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and training noise (default 0)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -154,21 +177,84 @@ def check_out(source: str, out: str, overwrite: bool) -> None:
         raise SystemExit(f"--out: {out} already holds a checkpoint; pass --overwrite or choose a new folder")
 
 
+def captions(dataset: Dataset, limit: int = 256) -> list[str]:
+    """The data set's captions (a folder's all, read without its images; else those of the first ``limit`` items)."""
+    if hasattr(dataset, "captions"):
+        return [text for _, text in dataset.captions()]
+    items = dataset.__getitems__(list(range(min(limit, len(dataset)))))
+    return [item["texts"] for item in items]
+
+
+def teach_new_words(cascade: Cascade, dataset: Dataset, keep: bool) -> list[str]:
+    """Add the captions' unknown words to a word-level encoder, their embedding rows trained with the stage."""
+    encoder = cascade.text_encoder
+    if encoder is None or encoder.word_vocabulary is None:
+        return []
+    unknown = encoder.unknown_words(captions(dataset))
+    if unknown and keep:
+        print(f"--keep-vocabulary: the text encoder reads {unknown} as <unk>")
+    if not unknown or keep:
+        return []
+    new = learn_new_words(encoder, unknown)
+    print(f"extending the text encoder's vocabulary with {new}: new embedding rows (the mean of the others) "
+          "trained with the stage; every other word keeps its id and embedding")
+    return new
+
+
+def stage_weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``net``'s weights as the plain network has them (LoRA adapters merged into a copy)."""
+    return merge_lora(copy.deepcopy(net)).state_dict() if has_lora(net) else net.state_dict()
+
+
+def encoder_files(trainer: Trainer, source: str, local: str) -> tuple[dict, dict]:
+    """The text encoder's folder and EMA weights for the new checkpoint: the original's files, or the extended
+    encoder when new words were learned (its raw weights those of the original's raw encoder, new rows added)."""
+    if trainer.text_ema is None:
+        kept = {"text_encoder.ema": ckpt.read_tensors(source, "text_encoder.ema")} \
+            if ckpt.has_file(source, "text_encoder.ema.safetensors") else {}
+        folder = {"text_encoder": ckpt.download_folder(source, "text_encoder", local)} \
+            if ckpt.has_file(source, "text_encoder") else {}
+        return kept, folder
+    encoder, ema = trainer.cascade.text_encoder, fold_new_words(trainer.text_ema.ema_model)
+    fold_new_words(encoder.model)
+    config = ckpt.read_config(source)["text_encoder"]
+    raw = read_text_encoder(source, config, use_ema=False)  # the weights the original stores as raw
+    raw.extend_vocabulary(encoder.source["added_words"])
+    new_rows = slice(raw.model.get_input_embeddings().weight.shape[0] - len(encoder.source["added_words"]), None)
+    with torch.no_grad():
+        raw.model.get_input_embeddings().weight[new_rows] = encoder.model.get_input_embeddings().weight[new_rows]
+    return {"text_encoder.ema": ema.state_dict()}, {"text_encoder": raw.save_pretrained}
+
+
 def write_finetuned(trainer: Trainer, source: str, out: str, k: int, overwrite: bool) -> None:
-    """The original checkpoint with stage k's raw and EMA weights replaced: its config, the other stages' weight
-    files and the text encoder's files are carried over as they are (the optimizer state is left behind)."""
-    tensors = {f"stage{k}": trainer.cascade.stages[k].net.state_dict(),
-               f"stage{k}.ema": trainer.stages[k].ema.ema_model.state_dict()}
+    """The original checkpoint with stage k's raw and EMA weights replaced (LoRA adapters merged in): its config,
+    the other stages' weight files and the text encoder's files are carried over as they are, save for new words
+    the encoder learned (the optimizer state is left behind)."""
+    tensors = {f"stage{k}": stage_weights(trainer.cascade.stages[k].net),
+               f"stage{k}.ema": stage_weights(trainer.stages[k].ema.ema_model)}
     kept = [f"stage{j}{ema}" for j in range(trainer.num_stages) if j != k for ema in ("", ".ema")]
-    kept.append("text_encoder.ema")
     tensors.update({name: ckpt.read_tensors(source, name) for name in kept
                     if ckpt.has_file(source, f"{name}.safetensors")})
+    config = ckpt.read_config(source)
+    if trainer.cascade.text_encoder is not None and "added_words" in trainer.cascade.text_encoder.source:
+        config["text_encoder"]["source"] = dict(trainer.cascade.text_encoder.source)
     with tempfile.TemporaryDirectory() as local:
-        folders = {}
-        if ckpt.has_file(source, "text_encoder"):
-            folders["text_encoder"] = ckpt.download_folder(source, "text_encoder", local)
-        ckpt.write_checkpoint(out, config=ckpt.read_config(source), tensors=tensors, folders=folders,
-                              overwrite=overwrite)
+        encoder_tensors, folders = encoder_files(trainer, source, local)
+        tensors.update(encoder_tensors)
+        ckpt.write_checkpoint(out, config=config, tensors=tensors, folders=folders, overwrite=overwrite)
+
+
+def add_adapters(cascade: Cascade, args: argparse.Namespace) -> int:
+    """LoRA adapters on stage ``args.stage`` (errors name the option)."""
+    if args.freeze:
+        raise SystemExit("--freeze: LoRA already freezes every base weight of the stage; use one or the other")
+    try:
+        return add_lora(cascade, args.stage, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        target_modules=args.lora_target)
+    except (TypeError, ValueError) as error:
+        option = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout",
+                  "target_modules": "--lora-target"}.get(str(error).split(":")[0], "--lora")
+        raise SystemExit(f"{option}: {error}") from error
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -181,7 +267,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     k = args.stage
     if cascade.text_encoder is not None:  # shared by all stages: training it would change the stages we keep
         cascade.text_encoder.set_trainable(False)
-    trained = freeze(cascade.stages[k].net, args.freeze)
+    trained = add_adapters(cascade, args) if args.lora else freeze(cascade.stages[k].net, args.freeze)
+    dataset = make_dataset(args, cascade.stages[k].image_size)
+    new_words = teach_new_words(cascade, dataset, args.keep_vocabulary)
 
     base_lr = original_lr(args.checkpoint, k)
     lr = args.lr if args.lr is not None else (base_lr / 10 if base_lr is not None else 1e-5)
@@ -190,10 +278,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer = Trainer(cascade, lr=lr, cpu=args.cpu, warmup_steps=min(100, args.steps // 10),
                       ema_beta=0.995, ema_update_after_step=0, ema_update_every=1)
     torch.manual_seed(args.seed + trainer.accelerator.process_index)
-    trainer.accelerator.print(f"fine-tuning stage {k} ({trained:,} trained parameters) at lr {lr:g} "
-                              f"for {args.steps} steps")
+    what = "LoRA adapter weights" if args.lora else "trained parameters"
+    words = f" and the embeddings of {new_words}" if new_words else ""
+    trainer.accelerator.print(f"fine-tuning stage {k} ({trained:,} {what}{words}) at lr {lr:g} for {args.steps} steps")
 
-    dataset = make_dataset(args, cascade.stages[k].image_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         collate_fn=dataset.collate_fn, generator=torch.Generator().manual_seed(args.seed))
     result = trainer.fit(loader, k, args.steps, disable_progress=args.no_progress)
@@ -202,6 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if trainer.is_main_process:
         write_finetuned(trainer, args.checkpoint, args.out, k, args.overwrite)
+        if args.lora:  # after the checkpoint: a folder holding only lora/ would not be one to write into
+            save_lora(trainer, f"{args.out.rstrip('/')}/lora", base=args.checkpoint, overwrite=args.overwrite)
+            print(f"wrote the adapters to {args.out.rstrip('/')}/lora (load_lora onto {args.checkpoint})")
         prompt = f"a {args.new_color} circle" if args.data == "shapes" else "a caption"
         print(f"wrote {args.out}; try: imagen-lib sample {args.out} --prompt \"{prompt}\" --out samples")
     trainer.accelerator.wait_for_everyone()

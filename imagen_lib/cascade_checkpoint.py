@@ -26,6 +26,16 @@ def stores_text_encoder(cascade: Any) -> bool:
     return encoder is not None and (encoder.trainable or "build_tiny" in encoder.config.get("source", {}))
 
 
+def check_no_adapters(tensors: dict) -> None:
+    """A weights file holds a network's own weights only: a LoRA-adapted one (``...lora_A...``, ``base_layer``)
+    would no longer load into the plain network, so it is an error, never silently written."""
+    adapted = [name for name, state in tensors.items()
+               if any(".lora_" in key or ".base_layer." in key for key in state)]
+    if adapted:
+        raise ValueError(f"tensors: {adapted} hold LoRA adapters; save them with imagen_lib.training.lora.save_lora "
+                         "(beside the base checkpoint), or fold them into the weights with merge_lora first")
+
+
 def write_cascade_checkpoint(
     cascade: Any, path: PathLike, *, tensors: dict, json_files: Optional[dict] = None, overwrite: bool = False,
     run_id: Optional[str] = None, keep_last: int = 1, label: Optional[str] = None,
@@ -35,6 +45,7 @@ def write_cascade_checkpoint(
     local) as a new version of the checkpoint at ``path``; returns ``path`` (see
     :func:`imagen_lib.checkpoint.write_checkpoint` for ``overwrite``, ``run_id``, ``keep_last`` [1] and
     ``label``)."""
+    check_no_adapters(tensors)
     folders = {"text_encoder": cascade.text_encoder.save_pretrained} if stores_text_encoder(cascade) else {}
     return ckpt.write_checkpoint(
         path, config=cascade.config, tensors=tensors, json_files=json_files or {}, folders=folders,

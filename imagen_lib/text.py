@@ -23,6 +23,7 @@ import inspect
 import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -94,6 +95,7 @@ class T5TextEncoder(nn.Module):
         max_length = check_int("max_length", max_length, low=1)
         self.name_or_path, self.max_length, self.trainable = str(name_or_path), int(max_length), bool(trainable)
         self.source = dict(source) if source is not None else {"name_or_path": self.name_or_path}
+        self._warned_words: set[str] = set()  # unknown words already warned about (tokenize)
         torch_dtype = _resolve_dtype(dtype)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         with _quiet_transformers():
@@ -181,7 +183,75 @@ class T5TextEncoder(nn.Module):
         tokens = self.tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and bool((tokens.input_ids == unk).any()):  # cheap: ids still on the CPU
+            self._warn_unknown(texts)
         return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device).bool()
+
+    # ----------------------------------------------------------------------------------------------------
+    # vocabulary coverage (word-level tokenizers)
+    # ----------------------------------------------------------------------------------------------------
+
+    @property
+    def word_vocabulary(self) -> Optional[dict[str, int]]:
+        """``{word: id}`` of a word-level tokenizer (:func:`word_tokenizer`), None for any other."""
+        from tokenizers import models
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not isinstance(backend.model, models.WordLevel):
+            return None
+        return dict(backend.get_vocab(with_added_tokens=False))
+
+    def unknown_words(self, texts: Sequence[str]) -> list[str]:
+        """The distinct words of ``texts`` the tokenizer maps to its unknown token, in order of appearance."""
+        texts = check_texts("texts", texts)
+        unk, found = self.tokenizer.unk_token_id, {}
+        if unk is None:
+            return []
+        for text in texts:
+            if self.tokenizer.is_fast:
+                tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                pieces = [text[a:b] for i, (a, b) in zip(tokens.input_ids, tokens.offset_mapping) if i == unk]
+            else:
+                pieces = [w for w in text.split() if unk in self.tokenizer(w, add_special_tokens=False).input_ids]
+            found.update(dict.fromkeys(p.lower() for p in pieces))
+        return list(found)
+
+    def _warn_unknown(self, texts: Sequence[str]) -> None:
+        """One warning per set of unknown words not warned about before (a training loop sees them every step)."""
+        new = [w for w in self.unknown_words(texts) if w not in self._warned_words]
+        if new:
+            self._warned_words.update(new)
+            hint = (" (extend_vocabulary adds them, e.g. examples/finetune.py does)" if self.word_vocabulary is not None
+                    else "")
+            warnings.warn(f"texts: the text encoder's tokenizer does not know {new}; they are read as "
+                          f"{self.tokenizer.unk_token!r}, all alike{hint}", stacklevel=3)
+
+    def extend_vocabulary(self, words: Sequence[str]) -> list[str]:
+        """Add ``words`` (lower-cased) to a word-level tokenizer, each with a new row in the T5 embedding table
+        initialised to the mean of the existing rows; returns the words that were new, in order. Existing words
+        keep their ids and embeddings bit for bit. Both are saved by :meth:`save_pretrained` (so with a
+        checkpoint), and ``config['source']['added_words']`` records them for a rebuild from the source."""
+        vocab = self.word_vocabulary
+        if vocab is None:
+            raise ValueError(f"words: only a word-level tokenizer (build_tiny(vocabulary=...)) can be extended; "
+                             f"this encoder's is {type(self.tokenizer).__name__}")
+        if isinstance(words, str) or not isinstance(words, Sequence) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"words: expected a list of words, got {words!r}")
+        splitter = self.tokenizer.backend_tokenizer.pre_tokenizer
+        for word in words:
+            if [piece for piece, _ in splitter.pre_tokenize_str(word.lower())] != [word.lower()]:
+                raise ValueError(f"words: {word!r} is not one word to this tokenizer (\\w+ or punctuation)")
+        new = [w for w in dict.fromkeys(w.lower() for w in words) if w not in vocab]
+        if new:
+            table = self.model.get_input_embeddings()
+            rows = table.weight.shape[0]
+            vocab.update({w: rows + i for i, w in enumerate(new)})
+            self.tokenizer = _word_level_tokenizer(vocab)
+            self.model.set_input_embeddings(_extended_table(table, len(new), self.trainable))
+            self.model.config.vocab_size = rows + len(new)
+            self.source["added_words"] = [*self.source.get("added_words", []), *new]
+        return new
 
     @typechecked
     def encode(self, texts: Sequence[str], model: Optional[nn.Module] = None) -> tuple[Tensor, Tensor]:
@@ -243,16 +313,34 @@ def _run_in_eval_mode(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
         model.train(was_training)
 
 
+def _extended_table(table: nn.Embedding, count: int, trainable: bool) -> nn.Embedding:
+    """``table`` with ``count`` more rows, each the mean of the existing ones (old rows copied exactly)."""
+    old = table.weight.detach()
+    mean = old.float().mean(0).to(old.dtype)
+    weight = torch.cat([old, mean.expand(count, -1)])
+    extended = nn.Embedding(weight.shape[0], weight.shape[1], device=old.device, dtype=old.dtype)
+    with torch.no_grad():
+        extended.weight.copy_(weight)
+    return extended.requires_grad_(trainable)
+
+
 def word_tokenizer(vocabulary: Sequence[str]):
     """A word-level ``PreTrainedTokenizerFast`` over ``vocabulary`` with T5's special tokens and a closing
-    ``</s>``, saved and loaded like any Hugging Face tokenizer (``tokenizer.json``)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
+    ``</s>``, saved and loaded like any Hugging Face tokenizer (``tokenizer.json``). A word outside it is read
+    as ``<unk>``; :meth:`T5TextEncoder.tokenize` warns about such words and :meth:`T5TextEncoder.extend_vocabulary`
+    adds them."""
     if isinstance(vocabulary, str) or not vocabulary or not all(isinstance(w, str) and w for w in vocabulary):
         raise ValueError(f"vocabulary: expected a non-empty list of words, got {vocabulary!r}")
     words = [*WORD_SPECIAL_TOKENS, *sorted({w.lower() for w in vocabulary} - set(WORD_SPECIAL_TOKENS))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    return _word_level_tokenizer({w: i for i, w in enumerate(words)})
+
+
+def _word_level_tokenizer(vocab: dict[str, int]):
+    """The tokenizer of :func:`word_tokenizer` over the given ``{word: id}`` (special tokens at T5's ids)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(dict(vocab), unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -276,8 +364,11 @@ def text_encoder_from_config(config: dict, folder: Union[None, str, Path] = None
     if folder is not None:
         return cls(folder, source=source, **common)
     if "build_tiny" in source:
-        return cls.build_tiny(seed=source.get("seed", 0), vocabulary=source.get("vocabulary"), **common,
-                              **source["build_tiny"])
+        encoder = cls.build_tiny(seed=source.get("seed", 0), vocabulary=source.get("vocabulary"), **common,
+                                 **source["build_tiny"])
+        if source.get("added_words"):  # the architecture of the extended vocabulary (weights: the checkpoint's)
+            encoder.extend_vocabulary(source["added_words"])
+        return encoder
     if "name_or_path" in source:
         return cls(source["name_or_path"], **common)
     raise ValueError(f"config['source']: expected 'build_tiny' or 'name_or_path', got {sorted(source)}")

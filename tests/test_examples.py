@@ -132,6 +132,67 @@ def test_finetune_refuses_to_write_into_the_original(tmp_path):
         finetune.check_out(str(tmp_path / "ckpt"), str(tmp_path / "ckpt" / "inner"), overwrite=True)
 
 
+@pytest.fixture(scope="module")
+def word_level(tmp_path_factory) -> Path:
+    """A tiny two-stage checkpoint whose frozen text encoder reads the shapes' words (it knows no 'pink'), its
+    weights made non-zero everywhere."""
+    from tiny_cascade import tiny_config
+
+    from imagen_lib.config import build_cascade
+
+    config = tiny_config()
+    config["text_encoder"]["vocabulary"] = "shapes"
+    path = tmp_path_factory.mktemp("words") / "checkpoint"
+    cascade, generator = build_cascade(config), torch.Generator().manual_seed(1)
+    with torch.no_grad():  # as if trained: no zero-initialised output layer hides what the adapters do
+        for p in cascade.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    cascade.save(path)
+    return path
+
+
+def test_finetune_with_lora_teaches_the_new_colour_as_a_word_of_its_own(word_level, tmp_path):
+    from imagen_lib import Cascade
+    from imagen_lib.training.lora import load_lora
+
+    before = file_hashes(word_level)
+    out = tmp_path / "pink"
+    finetune = load_example("finetune")
+    finetune.main(["--checkpoint", str(word_level), "--stage", "0", "--out", str(out), "--steps", "2",
+                   "--batch-size", "4", "--new-color-share", "1", "--lr", "1e-2", "--lora", "--no-progress", "--cpu"])
+    assert file_hashes(word_level) == before
+    old, new = Cascade.from_checkpoint(word_level), Cascade.from_checkpoint(out)
+    assert old.text_encoder.unknown_words(["a pink circle"]) == ["pink"]
+    assert new.text_encoder.unknown_words(["a pink circle"]) == []  # no longer <unk>
+    pink = new.text_encoder.word_vocabulary["pink"]
+    assert pink not in old.text_encoder.word_vocabulary.values()  # a new id of its own
+    known = ["a red circle on the left", "a blue square"]
+    assert torch.equal(old.text_encoder.encode(known)[0], new.text_encoder.encode(known)[0])
+    old_sr, new_sr = old.stages[1].net.state_dict(), new.stages[1].net.state_dict()
+    assert all(torch.equal(old_sr[key], new_sr[key]) for key in old_sr)
+    # the adapters (and the word) load onto the original and sample as the merged checkpoint does
+    adapted = load_lora(Cascade.from_checkpoint(word_level), out / "lora")
+    assert adapted.text_encoder.word_vocabulary["pink"] == pink
+    torch.testing.assert_close(adapted.text_encoder.encode(["a pink circle"])[0],
+                               new.text_encoder.encode(["a pink circle"])[0])
+    prompts = ["a pink circle", "a red square"]
+    ours = adapted.sample(prompts, seed=0, disable_progress=True)
+    torch.testing.assert_close(ours, new.sample(prompts, seed=0, disable_progress=True), atol=1e-4, rtol=1e-4)
+    with pytest.warns(UserWarning, match=r"does not know \['pink'\]"):  # the original reads it as <unk>
+        before_tuning = old.sample(prompts, seed=0, disable_progress=True)
+    assert not torch.allclose(ours, before_tuning, atol=1e-3)
+
+
+def test_finetune_lora_options_are_checked(word_level, tmp_path):
+    finetune = load_example("finetune")
+    common = ["--checkpoint", str(word_level), "--stage", "0", "--out", str(tmp_path / "o"), "--lora", "--cpu"]
+    for extra, match in ((["--lora-rank", "0"], "--lora-rank: rank"),
+                         (["--lora-target", "to_nothing"], "--lora-target: target_modules: 'to_nothing'"),
+                         (["--freeze", "down"], "--freeze: LoRA")):
+        with pytest.raises(SystemExit, match=match):
+            finetune.main(common + extra)
+
+
 def test_finetune_data_repaints_shapes_in_the_new_colour():
     finetune = load_example("finetune")
     from imagen_lib import ShapesDataset

@@ -3,6 +3,7 @@ exactly the path a user's real T5 folder takes (nothing is downloaded)."""
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -108,7 +109,8 @@ def test_module_import_does_not_import_transformers():
 def test_word_vocabulary_gives_one_token_per_word_and_round_trips(tmp_path):
     words = ["a", "red", "blue", "circle", ","]
     enc = T5TextEncoder.build_tiny(tmp_path / "words", seed=1, max_length=8, vocabulary=words, **T5_KWARGS)
-    ids, mask = enc.tokenize(["A red circle, a zebra"])
+    with pytest.warns(UserWarning, match="zebra"):
+        ids, mask = enc.tokenize(["A red circle, a zebra"])
     tokens = enc.tokenizer.convert_ids_to_tokens(ids[0][mask[0]].tolist())
     assert tokens == ["a", "red", "circle", ",", "a", "<unk>", "</s>"]  # lower-cased; unknown words are <unk>
     assert enc.model.config.vocab_size == len(words) + 3 and ids[0, ~mask[0]].eq(enc.tokenizer.pad_token_id).all()
@@ -140,3 +142,91 @@ def test_bad_vocabulary_names_the_argument():
         build_text_encoder({"build_tiny": dict(T5_KWARGS), "vocabulary": "birds"})
     enc = build_text_encoder({"build_tiny": dict(T5_KWARGS), "vocabulary": "shapes", "max_length": 24})
     assert "triangle" in enc.config["source"]["vocabulary"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# words outside a word-level vocabulary: warned about once, and added by extend_vocabulary
+
+
+def _word_encoder(**kwargs) -> T5TextEncoder:
+    return T5TextEncoder.build_tiny(seed=2, max_length=10, vocabulary=["a", "red", "blue", "circle", "square"],
+                                    **T5_KWARGS, **kwargs)
+
+
+def test_unknown_words_are_warned_about_once_with_the_words():
+    enc = _word_encoder()
+    with pytest.warns(UserWarning, match=r"does not know \['pink', 'blob'\]"):
+        enc.encode(["a Pink circle", "a blue blob", "a pink square"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same words again, and known words: no second warning
+        enc.encode(["a pink blob"])
+        enc.tokenize(["a red square"])
+    with pytest.warns(UserWarning, match=r"does not know \['zebra'\]") as record:  # a new word: a new warning
+        enc.encode(["a pink zebra"])
+    assert len(record) == 1
+    assert enc.unknown_words(["a red circle"]) == [] and enc.unknown_words(["two Zebras", "a zebras"]) == [
+        "two", "zebras"]
+
+
+def test_extending_the_vocabulary_keeps_every_known_word_and_adds_rows(tmp_path):
+    from tiny_cascade import tiny_cascade
+
+    from imagen_lib import Cascade
+
+    enc = _word_encoder()
+    ids_before = dict(enc.word_vocabulary)
+    table_before = enc.model.get_input_embeddings().weight.detach().clone()
+    known = enc.encode(["a red circle", "a blue square"])[0]
+    assert enc.extend_vocabulary(["Pink", "red", "pink", "cyan"]) == ["pink", "cyan"]
+    vocab, table = enc.word_vocabulary, enc.model.get_input_embeddings().weight.detach()
+    assert {w: vocab[w] for w in ids_before} == ids_before  # every existing id kept
+    assert vocab["pink"] == len(ids_before) and vocab["cyan"] == len(ids_before) + 1
+    assert torch.equal(table[: len(table_before)], table_before)  # bit-identical rows
+    torch.testing.assert_close(table[vocab["pink"]], table_before.mean(0))  # the new rows start at the mean
+    assert torch.equal(enc.encode(["a red circle", "a blue square"])[0], known)
+    ids, mask = enc.tokenize(["a pink circle"])
+    assert ids[0, 1].item() == vocab["pink"] and enc.unknown_words(["a pink cyan circle"]) == []
+    assert enc.config["source"]["added_words"] == ["pink", "cyan"]
+    with torch.no_grad():  # as if trained: the checkpoint must keep the row itself
+        enc.model.get_input_embeddings().weight[vocab["pink"]] += 1.0
+    cascade = tiny_cascade(text_encoder=enc)
+    cascade.save(tmp_path / "ckpt")
+    again = Cascade.from_checkpoint(tmp_path / "ckpt").text_encoder
+    assert again.word_vocabulary == vocab
+    assert torch.equal(again.encode(["a pink cyan circle"])[0], enc.encode(["a pink cyan circle"])[0])
+    rebuilt = text_encoder_from_config(enc.config)  # from the source alone: the same vocabulary and table size
+    assert rebuilt.word_vocabulary == vocab and rebuilt.model.config.vocab_size == table.shape[0]
+
+
+def test_extending_checks_its_words():
+    enc = _word_encoder()
+    with pytest.raises(ValueError, match="words: 'two words' is not one word"):
+        enc.extend_vocabulary(["two words"])
+    with pytest.raises(ValueError, match="words: expected a list"):
+        enc.extend_vocabulary("pink")
+    byte_level = T5TextEncoder.build_tiny(seed=0, max_length=8, **T5_KWARGS)
+    with pytest.raises(ValueError, match="words: only a word-level tokenizer"):
+        byte_level.extend_vocabulary(["pink"])
+    assert enc.extend_vocabulary(["red"]) == [] and "added_words" not in enc.config["source"]
+
+
+def test_learning_new_words_trains_only_their_rows():
+    from imagen_lib.training.vocabulary import fold_new_words, learn_new_words
+
+    enc = _word_encoder()
+    old = enc.model.get_input_embeddings().weight.detach().clone()
+    rest = {k: v.clone() for k, v in enc.model.state_dict().items() if "shared" not in k and "embed_tokens" not in k}
+    assert learn_new_words(enc, ["pink"]) == ["pink"] and enc.trainable
+    trained = [p for p in enc.model.parameters() if p.requires_grad]
+    assert len(trained) == 1 and trained[0].shape == (1, T5_KWARGS["d_model"])
+    optimizer = torch.optim.AdamW(enc.model.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        embeds, _ = enc.encode(["a pink circle", "a red square"])
+        embeds.square().mean().backward()
+        optimizer.step()
+    fold_new_words(enc.model)
+    table = enc.model.get_input_embeddings()
+    assert type(table) is torch.nn.Embedding and table.weight.shape[0] == old.shape[0] + 1
+    assert torch.equal(table.weight[: len(old)], old) and not torch.equal(table.weight[-1], old.mean(0))
+    assert all(torch.equal(v, rest[k]) for k, v in enc.model.state_dict().items() if k in rest)
