@@ -83,7 +83,7 @@ def start_trackers(accelerator, config: dict) -> None:
     writes its files in the accelerator's logging folder (``project_dir``) rather than the working one."""
     folder = accelerator.logging_dir
     init_kwargs = {}
-    if folder is not None:
+    if folder is not None and accelerator.log_with:
         if accelerator.is_main_process:
             Path(folder).mkdir(parents=True, exist_ok=True)
         init_kwargs["wandb"] = {"dir": str(folder)}
