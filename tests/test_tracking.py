@@ -120,3 +120,16 @@ def test_count_images_of_a_batch_and_of_micro_batches():
     assert tracking.count_images(batch) == 4
     assert tracking.count_images([batch, {"images": torch.zeros(2, 3, 8, 8)}]) == 6
     assert tracking.count_images(torch.zeros(5, 3, 8, 8)) == 5
+
+
+def test_examples_train_checks_its_trackers_with_the_same_function(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+    spec = importlib.util.spec_from_file_location("example_train_tracking", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _hide(monkeypatch, "tensorboard", "tensorboardX")
+    with pytest.raises(ValueError, match=r'^log_with: .*pip install "imagen_lib\[tensorboard\]"'):
+        script.make_trainer(tiny_config(), tmp_path / "run", "tensorboard")

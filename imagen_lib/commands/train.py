@@ -104,9 +104,10 @@ def _embeddings_encoder(config: dict) -> tuple[Optional[str], Optional[int]]:
     _, options, _ = data_block(config)
     if options.get("embeddings") is None:
         return None, None
-    encoder = EmbeddingStore(options["embeddings"]).meta.get("encoder")
-    source = encoder.get("source", {}) if isinstance(encoder, dict) else {}
-    return source.get("name_or_path"), encoder.get("max_length") if isinstance(encoder, dict) else None
+    encoder = EmbeddingStore(options["embeddings"]).meta.get("encoder")  # T5TextEncoder.config, or a class name
+    if not isinstance(encoder, dict):
+        return None, None
+    return encoder.get("source", {}).get("name_or_path"), encoder.get("max_length")
 
 
 def accumulation_override(args: argparse.Namespace) -> list[str]:
