@@ -8,7 +8,7 @@ How the library's parts fit together (this file only wires them; see examples/RE
 multi-machine and FSDP launches):
 
     config file  --imagen_lib.config-->  Cascade (text encoder + one network and diffusion process per stage)
-    Accelerator  <-- number of processes, trackers: `accelerate launch` / `accelerate config`
+    Accelerator  <-- number of processes: `accelerate launch` / `accelerate config`; trackers: --log-with
     Trainer(cascade, accelerator)   <-- mixed precision: the launcher's, else the config's trainer block
     train_stages(trainer, config)   --  per stage: DataLoader -> Trainer.fit (losses, sample grids, checkpoints)
     OUT/checkpoint                  <-- written after each stage; the next start of this script resumes from it
@@ -30,7 +30,7 @@ from imagen_lib import Trainer
 from imagen_lib import config as cfg
 from imagen_lib.commands.train import accumulation_override
 from imagen_lib.training.launcher import single_process_launch_warning
-from imagen_lib.training.loop import RunOptions, train_stages
+from imagen_lib.training.loop import RunOptions, tracker_options, train_stages
 
 
 def stage_choice(value: str):
@@ -51,7 +51,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "(default: the config's data block)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. --set stages.0.train.steps=100")
-    parser.add_argument("--log-with", default=None, help="Accelerate tracker(s): tensorboard, wandb, all, ...")
+    parser.add_argument("--log-with", default=None,
+                        help="tracker(s): tensorboard, wandb, all (those installed) or none (default: the config's "
+                             "tracking.log_with, else none); logs in OUT/ unless tracking.logging_dir says otherwise")
     parser.add_argument("--log-every", type=int, default=50, help="steps between logged losses (default 50)")
     parser.add_argument("--sample-every", type=int, default=500,
                         help="steps between sample grids (default 500; 0: never)")
@@ -88,12 +90,13 @@ def make_trainer(config: dict, out: Path, log_with: Optional[str]) -> Trainer:
     ACCELERATE_MIXED_PRECISION), under plain `python` the config's trainer.mixed_precision."""
     from accelerate import Accelerator
 
+    trackers = tracker_options(config, out, log_with)  # {log_with, project_dir}; a missing tracker fails here
     # first the cascade (same seed on every process, so every process starts identical): a tiny T5 built from
     # its seed is saved and read back, and transformers saves on the first process only once they are joined
     cascade = cfg.build_cascade(config)
     settings = cfg.trainer_settings(config)
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", settings.mixed_precision)
-    accelerator = Accelerator(mixed_precision="no", log_with=log_with, project_dir=str(out))
+    accelerator = Accelerator(mixed_precision="no", **trackers)
     return Trainer(cascade, settings=dataclasses.replace(settings, mixed_precision=precision), accelerator=accelerator)
 
 
@@ -112,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = RunOptions(stages=None if args.stage == "all" else [args.stage], resume=None,  # resume when OUT has one
                          log_every=args.log_every, sample_every=args.sample_every or None, save_every=save_every,
                          keep_last=args.keep_last, extend=args.extend, progress=not args.no_progress)
-    result = train_stages(trainer, config, out, options)  # tensorboard logs: OUT/imagen_lib/
+    result = train_stages(trainer, config, out, options)  # tensorboard logs: OUT/imagen_lib/ (by default)
     if result.samples:
         print(f"samples: {result.samples}")
     acc = trainer.accelerator

@@ -163,3 +163,43 @@ def test_a_user_error_is_one_line_and_exit_status_2_and_debug_shows_the_tracebac
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "stages.0.unet" in debug.stderr
     by_env = _cli("train", path, "--out", tmp_path / "run", env={**os.environ, "IMAGEN_LIB_DEBUG": "1"})
     assert by_env.returncode == 1 and "Traceback" in by_env.stderr
+
+
+def test_train_stages_out_of_range_is_a_one_line_error_naming_the_flag(tmp_path, capsys):
+    from imagen_lib.cli import entry_point
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config(steps=1)))
+    out = tmp_path / "run"
+    assert entry_point(["train", str(config), "--out", str(out), "--stages", "0", "5", "--cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "imagen-lib train: error: --stages: expected stage indices in [0, 1] (the config has 2 stages), got 5")
+    assert not out.exists()  # refused before anything was built
+
+
+def test_the_closing_hint_of_a_run_on_precomputed_embeddings_names_its_encoder(tmp_path):
+    import shlex
+
+    from tiny_cascade import tiny_cascade, tiny_encoder_folder
+
+    from imagen_lib.commands.train import sample_command
+    from imagen_lib.data.precache import precache_captions
+    from imagen_lib.text import T5TextEncoder
+
+    encoder_dir = tiny_encoder_folder(tmp_path / "t5")
+    store = tmp_path / "store"
+    precache_captions(T5TextEncoder(encoder_dir, max_length=16), [("a.png", "a red circle")], store, progress=False)
+    config = tiny_config(text=False)
+    config["data"] = {"type": "folder", "root": str(tmp_path / "images"), "embeddings": str(store)}
+    cascade = tiny_cascade(text_embed_dim=32)  # no text encoder, as a run on precomputed embeddings saves it
+    checkpoint = cascade.save(tmp_path / "checkpoint")
+    hint = sample_command(cascade, config, checkpoint, [], tmp_path / "samples")
+    assert hint.endswith(f"--encoder {encoder_dir} --max-length 16")
+    assert main(shlex.split(hint)[1:]) == 0  # the printed command runs as printed
+    assert (tmp_path / "samples" / "grid.png").exists()
+    # data that does not record its encoder (shards): a placeholder to fill in
+    config["data"] = {"type": "shards", "urls": str(tmp_path / "shard-{0..1}.tar")}
+    assert "--encoder T5_NAME_OR_FOLDER" in sample_command(cascade, config, checkpoint, [], tmp_path / "samples")
+    # a checkpoint with its encoder needs none
+    with_encoder = build_cascade(tiny_config())
+    assert "--encoder" not in sample_command(with_encoder, tiny_config(), checkpoint, ["a red circle"], tmp_path)

@@ -5,8 +5,11 @@ is :func:`imagen_lib.training.loop.train_stages`, the loop ``examples/train.py``
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,32 +37,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="N",
                         help="loader batches per optimizer step (default: the config's "
                              "trainer.gradient_accumulation_steps, 1); steps and schedules count optimizer steps")
+    parser.add_argument("--log-with", default=None, metavar="TRACKER",
+                        help="tensorboard, wandb, all (those installed) or none: where losses, learning rates, "
+                             "gradient norms, images/s and sample grids are logged (default: the config's "
+                             "tracking.log_with, else tensorboard when it is installed); logs in OUT/ unless "
+                             "tracking.logging_dir says otherwise")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from imagen_lib.config import apply_overrides, build_cascade, load_config, trainer_settings
-    from imagen_lib.training.loop import RunOptions, train_stages
+    from imagen_lib.training import tracking
+    from imagen_lib.training.loop import RunOptions, tracker_options, train_stages
     from imagen_lib.training.trainer import Trainer
 
     start = time.time()
     config = apply_overrides(load_config(args.config), args.overrides + accumulation_override(args))
+    check_stage_choice(args.stages, config)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    log_with = "tensorboard" if _has_tensorboard() else None
-    trainer = Trainer(build_cascade(config), settings=trainer_settings(config), cpu=args.cpu, log_with=log_with,
-                      project_dir=out)
+    default = "tensorboard" if tracking.is_installed("tensorboard") else None  # as before --log-with existed
+    trackers = tracker_options(config, out, args.log_with, default=default)  # before the cascade is built
+    trainer = Trainer(build_cascade(config), settings=trainer_settings(config), cpu=args.cpu, **trackers)
     options = RunOptions(stages=args.stages, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every,
                          save_every=args.save_every, keep_last=args.keep_last, extend=args.extend,
                          sample_every=args.sample_every, progress=not args.no_progress)
     result = train_stages(trainer, config, out, options)  # its errors name what to pass (--resume, --overwrite)
     if trainer.is_main_process:
-        prompt = result.prompts[0] if result.prompts else "a caption"
         print(f"checkpoint: {result.checkpoint}")
         if result.samples:
             print(f"samples:    {result.samples}")
         print(f"done: {len(result.trained)} stage(s) trained in {(time.time() - start) / 60:.1f} min; "
-              f"try: imagen-lib sample {result.checkpoint} --prompt \"{prompt}\" --out {out / 'samples'}")
+              f"try: {sample_command(trainer.cascade, config, result.checkpoint, result.prompts, out / 'samples')}")
     return 0
+
+
+def check_stage_choice(stages: Optional[list], config: dict) -> None:
+    """``--stages``: indices of the config's stages (checked before anything is built)."""
+    count = len(config.get("stages") or [])
+    bad = [k for k in stages or [] if not 0 <= k < count]
+    if bad:
+        raise ValueError(f"--stages: expected stage indices in [0, {count - 1}] (the config has {count} stages), "
+                         f"got {bad[0]}")
+
+
+def sample_command(cascade, config: dict, checkpoint: Path, prompts: Sequence[str], out: Path) -> str:
+    """The ``imagen-lib sample`` command for the trained checkpoint; one trained on precomputed embeddings
+    holds no text encoder, so it names the T5 they came from (``--encoder``; read from a folder's embedding
+    store, else a placeholder)."""
+    prompt = prompts[0] if prompts else "a caption"
+    command = f"imagen-lib sample {checkpoint} --prompt \"{prompt}\" --out {out}"
+    if cascade.text_encoder is not None or cascade.text_embed_dim is None:
+        return command
+    name, max_length = _embeddings_encoder(config)
+    command += f" --encoder {shlex.quote(name) if name else 'T5_NAME_OR_FOLDER'}"
+    if max_length not in (None, 128):  # imagen-lib sample's default
+        command += f" --max-length {max_length}"
+    return command if name else command + " (the T5 that encoded the training captions)"
+
+
+def _embeddings_encoder(config: dict) -> tuple[Optional[str], Optional[int]]:
+    """The T5 name or folder and token length of the encoder that made a folder's precomputed embeddings (as
+    its store records them), or (None, None) when the data does not say (shards)."""
+    from imagen_lib.config import data_block
+    from imagen_lib.data.embeddings import EmbeddingStore
+
+    _, options, _ = data_block(config)
+    if options.get("embeddings") is None:
+        return None, None
+    encoder = EmbeddingStore(options["embeddings"]).meta.get("encoder")  # T5TextEncoder.config, or a class name
+    if not isinstance(encoder, dict):
+        return None, None
+    return encoder.get("source", {}).get("name_or_path"), encoder.get("max_length")
 
 
 def accumulation_override(args: argparse.Namespace) -> list[str]:
@@ -68,8 +116,3 @@ def accumulation_override(args: argparse.Namespace) -> list[str]:
     steps = getattr(args, "gradient_accumulation_steps", None)
     return [] if steps is None else [f"trainer.gradient_accumulation_steps={steps}"]
 
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None

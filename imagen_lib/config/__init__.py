@@ -41,6 +41,7 @@ The file is the serialized form of :class:`~imagen_lib.config.schema.RunConfig`,
     parallel_stages:                 # optional, single-process runs: train stages 1.. in their own processes
       threads_per_stage: 1           # ... with this many torch threads each, while stage 0 trains on the rest;
       join_at_step: 5000             # stage 0 waits for them at this step, then takes every thread (null: at its end)
+    tracking: {log_with: tensorboard, logging_dir: null}   # trackers: tensorboard | wandb | all | none; logs in OUT
 
 ``--set key=value`` overrides use dotted keys, list items by index (``stages.1.train.steps=200``); the value
 is read as YAML (``1e-4``, ``true``, ``[1, 2]``). A configuration in NeMo's vocabulary (``unet``,

@@ -19,6 +19,7 @@ from imagen_lib.diffusion import DIFFUSIONS
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.nn import presets
 from imagen_lib.training.settings import TrainerSettings
+from imagen_lib.training.tracking import tracker_names
 from imagen_lib.validation import check_number, check_seed
 
 
@@ -289,6 +290,20 @@ class ParallelConfig:
         _at_least("join_at_step", self.join_at_step, 1, "a step number")
 
 
+@dataclass
+class TrackingConfig:
+    """``tracking``: the experiment trackers of ``imagen-lib train`` and ``examples/train.py``: ``log_with``
+    (``tensorboard``, ``wandb``, ``all``, ``none`` or a list; default None: the front end's default, which its
+    ``--log-with`` overrides) and ``logging_dir`` (default None: the run's output folder; TensorBoard writes
+    to ``logging_dir/imagen_lib/``). What is logged: :mod:`imagen_lib.training.tracking`."""
+
+    log_with: Union[None, str, list[str]] = None
+    logging_dir: Optional[str] = None
+
+    def __post_init__(self):
+        tracker_names(self.log_with)  # installed or not is checked when a run starts
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """A whole training configuration.
@@ -304,6 +319,7 @@ class RunConfig:
         trainer: :class:`~imagen_lib.training.settings.TrainerSettings` fields (checked by name).
         sample: a :class:`SampleConfig`.
         parallel_stages: a :class:`ParallelConfig` (``true``: its defaults), default None (stages in turn).
+        tracking: a :class:`TrackingConfig`.
     """
 
     seed: Optional[int] = None
@@ -315,6 +331,7 @@ class RunConfig:
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel_stages: Union[None, bool, ParallelConfig] = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
         if not self.stages:

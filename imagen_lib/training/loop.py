@@ -16,6 +16,9 @@
   other processes re-seed with ``seed + process index``, so their noise differs while their weights agree.
 - Output: ``OUT/config.yaml``, a checkpoint after each stage, a final grid of the sample prompts in
   ``OUT/samples.png``, grids every ``sample_every`` steps in ``OUT/samples/``.
+- Trackers: the trainer's (:func:`tracker_options` makes them from the config's ``tracking`` block); losses,
+  learning rates, gradient norms, images/s and every grid are logged to them
+  (:mod:`imagen_lib.training.tracking`).
 - ``parallel_stages`` in the config: the stages after the first train in their own processes
   (:mod:`imagen_lib.training.parallel`) through :func:`train_stage`, the same code as the first.
 """
@@ -35,6 +38,8 @@ import torch
 
 from imagen_lib import checkpoint as ckpt
 from imagen_lib import config as cfg
+from imagen_lib.config.schema import parse_block
+from imagen_lib.training import tracking
 from imagen_lib.training.trainer import Trainer
 from imagen_lib.validation import check_int, check_seed
 
@@ -140,8 +145,26 @@ def _train_stages(trainer: Trainer, config: dict, out: Union[str, Path], options
     if prompts:
         result.samples = trainer.write_samples(out / "samples.png", prompts, seed=cfg.sample_settings(config)["seed"],
                                                num_images_per_prompt=1, disable_progress=not options.progress)
+        tracking.log_image(trainer.accelerator, "samples", result.samples, max(trainer.steps))
     trainer.accelerator.end_training()
     return result
+
+
+def tracker_options(config: dict, out: Union[str, Path], log_with: tracking.LogWith = None,
+                    default: tracking.LogWith = None) -> dict:
+    """``{"log_with", "project_dir"}`` for a :class:`Trainer` (or an ``accelerate.Accelerator``, which takes the
+    same two keywords) of a run of ``config`` into folder ``out``, as ``imagen-lib train`` and
+    ``examples/train.py`` make them.
+
+    The trackers: ``log_with`` (a front end's ``--log-with``), else the config's ``tracking.log_with``, else
+    ``default``; checked by :func:`~imagen_lib.training.tracking.check_log_with`, so one that is not installed
+    is a ValueError with its install command before anything is built. They write to the config's
+    ``tracking.logging_dir``, else ``out`` (TensorBoard: ``out/imagen_lib/``).
+    """
+    block = parse_block(config, "tracking")
+    chosen = next((value for value in (log_with, block.log_with) if value is not None), default)
+    folder = block.logging_dir if block.logging_dir is not None else out
+    return {"log_with": tracking.check_log_with(chosen), "project_dir": str(folder)}
 
 
 def train_stage(trainer: Trainer, config: dict, stage: int, steps: int, out: Union[str, Path],

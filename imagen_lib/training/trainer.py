@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.cascade import Cascade
 from imagen_lib.cascade_checkpoint import write_cascade_checkpoint
-from imagen_lib.training import accumulation, nonfinite, trainer_state
+from imagen_lib.training import accumulation, nonfinite, tracking, trainer_state
 from imagen_lib.training.data_order import DataOrder, DataPosition, start_position
 from imagen_lib.training.nonfinite import NonFiniteLossError
 from imagen_lib.training.settings import TrainerSettings, lr_factor
@@ -89,8 +89,9 @@ class Trainer:
             precision is one setting for the whole process, and this way trainers of different precisions
             live side by side in one process (a notebook, the tests).
         cpu: force the CPU even when a GPU is present [False].
-        log_with: Accelerate tracker(s), e.g. ``"tensorboard"`` [None]; ``project_dir`` is where they write.
-            They start at the first :meth:`fit` or :meth:`start_trackers`.
+        log_with: tracker(s), ``"tensorboard"``, ``"wandb"`` or ``"all"`` [None]; ``project_dir`` is where they
+            write. They start at the first :meth:`fit` or :meth:`start_trackers`; what is logged:
+            :mod:`imagen_lib.training.tracking` (one that is not installed: a ValueError with its install command).
         ddp_find_unused_parameters: passed to DistributedDataParallel [False].
 
     Each stage's network wrapper, optimizer, EMA, step count, horizon, peak rate, data position and count of
@@ -122,12 +123,14 @@ class Trainer:
             raise ValueError(f"accelerator: expected one made with mixed_precision='no', got "
                              f"{accelerator.mixed_precision!r}; set TrainerSettings.mixed_precision instead (the "
                              "Trainer applies it itself)")
+        log_with = tracking.check_log_with(log_with) if accelerator is None else None
         self.accelerator = accelerator or self._make_accelerator(cpu, log_with, project_dir, ddp_find_unused_parameters)
         self.scaler = self._make_scaler()
         self.run_id = uuid.uuid4().hex
         self.last_checkpoint: Optional[str] = None
         self._saved_state: Optional[tuple] = None  # (path, positions) of what last_checkpoint holds
         self.progress_line: Optional[int] = None
+        self.last_grad_norm: Optional[Tensor] = None  # of the last optimizer step, before clipping (for the trackers)
         self._trackers_started = False
         self._setup_modules(lrs)
 
@@ -291,6 +294,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
         elif self.scaler is None:
             norm = nonfinite.total_grad_norm(params)
+        self.last_grad_norm = norm
         # with fp16 the scaler skips overflowed gradients itself; without it, a non-finite norm skips here
         if self.scaler is None and not nonfinite.is_finite(self.accelerator, loss, norm):
             return self._skip_step(k, state, _not_finite(loss))
@@ -358,7 +362,7 @@ class Trainer:
             return
         self._trackers_started = True
         record = {"trainer": self.settings.config} if config is None else config
-        self.accelerator.init_trackers("imagen_lib", config=flatten_config(record))
+        tracking.start_trackers(self.accelerator, flatten_config(record))
 
     def fit(
         self, dataloader: Iterable, stage: int, steps: int, *, log_every: int = 50, sample_every: Optional[int] = None,
@@ -369,8 +373,9 @@ class Trainer:
         """Train ``stage`` for ``steps`` optimizer steps on batches from ``dataloader`` (re-iterated as needed),
         each step on ``TrainerSettings.gradient_accumulation_steps`` batches (:meth:`train_step` on their list).
 
-        Logs the mean loss every ``log_every`` steps through the Accelerate trackers; every ``sample_every``
-        steps writes a captioned grid of ``sample_prompts`` to ``out_dir/samples/stage{k}-{step}.png`` and every
+        Logs loss, learning rate, gradient norm and images/s every ``log_every`` steps to the trackers
+        (:mod:`imagen_lib.training.tracking`); every ``sample_every`` steps writes a captioned grid of
+        ``sample_prompts`` to ``out_dir/samples/stage{k}-{step}.png`` (logged to the trackers too) and every
         ``save_every`` steps (None: ``TrainerSettings.save_every``; 0: never) a checkpoint to
         ``out_dir/checkpoint`` (main process only). The cosine horizon of the stage is ``steps`` unless
         ``total_steps`` was set; the progress bar sits on line :attr:`progress_line`. ``on_step`` is called after
@@ -400,22 +405,21 @@ class Trainer:
         self.start_trackers()
         bar = tqdm(total=steps, desc=f"stage {k}", disable=disable_progress or not self.is_main_process,
                    position=self.progress_line)
-        start_time, window, mean, done = time.time(), [], float("nan"), 0
+        start_time, meter, mean, done = time.time(), tracking.StepMeter(self.accelerator, k), float("nan"), 0
         for batches in accumulation.step_groups(order, self.settings.gradient_accumulation_steps):
             skipped = state.skipped
-            window.append(self.train_step(k, batches))
+            meter.add(self.train_step(k, batches), batches)
             state.data = order.position
             if state.skipped != skipped:  # the non-finite guard skipped it: the batch is taken, the step is not
                 continue
             done += 1
+            meter.add_grad_norm(self.last_grad_norm)
             if done % log_every == 0 or done == steps:
-                mean = self._reduced_mean(window)
-                window = []
-                self.accelerator.log({f"stage{k}/loss": mean, f"stage{k}/lr": state.optimizer.param_groups[0]["lr"]},
-                                     step=state.step)
+                mean = meter.log(state.step, state.optimizer.param_groups[0]["lr"])  # loss, lr, grad norm, images/s
                 bar.set_postfix(loss=f"{mean:.4f}")
             bar.update(1)
             self._after_step(k, done, on_step, sample_every, sample_prompts, save_every, out_dir, sample_seed)
+            meter.resume()  # the time of grids and checkpoints is not training time
             if done == steps:
                 break
         bar.close()
@@ -434,8 +438,9 @@ class Trainer:
         if on_step is not None:
             on_step(state.step)
         if sample_every and done % sample_every == 0 and sample_prompts:
-            self.write_samples(Path(out_dir) / "samples" / f"stage{k}-{state.step:06d}.png", sample_prompts,
-                               stop_at_stage=k, seed=sample_seed)
+            grid = self.write_samples(Path(out_dir) / "samples" / f"stage{k}-{state.step:06d}.png", sample_prompts,
+                                      stop_at_stage=k, seed=sample_seed)
+            tracking.log_image(self.accelerator, f"stage{k}/samples", grid, state.step)
         if save_every and done % save_every == 0:
             self.save(Path(out_dir) / "checkpoint")
 
@@ -448,11 +453,6 @@ class Trainer:
         if isinstance(dataloader, DataLoader) and not getattr(dataloader.dataset, "split_by_process", False):
             return self.accelerator.prepare_data_loader(dataloader)
         return dataloader
-
-    def _reduced_mean(self, values: list[float]) -> float:
-        """Mean over the window and over processes (a collective, entered by every process at once)."""
-        t = torch.tensor(sum(values) / max(1, len(values)), device=self.device)
-        return float(self.accelerator.reduce(t, reduction="mean")) if self.accelerator.num_processes > 1 else float(t)
 
     def write_samples(self, path: Union[str, Path], prompts: Sequence[str], **sample_kwargs: Any) -> Optional[str]:
         """Sample ``prompts`` with the EMA weights and write a captioned grid PNG (main process only)."""
