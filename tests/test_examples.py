@@ -1,6 +1,6 @@
 """The examples under examples/ run as they stand, at tiny settings.
 
-- the notebook executes (nbclient) with its tiny settings and shows its grids; it is stored without outputs;
+- the notebook: tests/test_notebook.py;
 - examples/train.py trains in two processes started by `accelerate launch`, writes one checkpoint that
   `imagen-lib sample` reads, and resumes from it by itself;
 - examples/finetune.py changes only the chosen stage and never touches the original checkpoint;
@@ -221,30 +221,6 @@ def test_scripts_answer_help_offline(tmp_path):
     for script, option in (("train.py", "--config"), ("finetune.py", "--checkpoint")):
         done = run([sys.executable, EXAMPLES / script, "--help"], cwd=tmp_path, HF_HUB_OFFLINE="1")
         assert option in done.stdout and "usage:" in done.stdout
-
-
-def test_notebook_is_stored_without_outputs():
-    import nbformat
-
-    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.outputs == [] and c.execution_count is None for c in code)
-    assert "parameters" in code[0].metadata.get("tags", [])  # the settings cell comes first
-
-
-def test_notebook_runs_at_tiny_settings(tmp_path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("IMAGEN_QUICKSTART_TINY", "1")  # read by the notebook's settings cell
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
-    NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(shown) == 6  # data preview, samples, guidance, thresholding, samplers, inpainting
-    assert (Path(resolve(tmp_path / "runs" / "quickstart" / "checkpoint")) / "config.json").is_file()
 
 
 def test_train_script_data_option_reads_a_folder_with_the_configs_folder_options(tmp_path):
