@@ -260,7 +260,7 @@ def test_precached_folder_latents_match_online_encoding(vae, tmp_path):
 
     from imagen_lib.data.collate import collate_image_text
     from imagen_lib.data.folder import ImageTextFolder
-    from imagen_lib.data.precache_latents import WithLatents, precache_folder_latents
+    from imagen_lib.data.precache_latents import precache_folder_latents
 
     root = tmp_path / "data"
     root.mkdir()
@@ -270,7 +270,7 @@ def test_precached_folder_latents_match_online_encoding(vae, tmp_path):
         (root / f"img{i}.txt").write_text("a red circle")
     folder = ImageTextFolder(root, image_size=16, min_size=1)
     store = precache_folder_latents(vae, folder, tmp_path / "latents", batch_size=2, progress=False)
-    data = WithLatents(folder, store)
+    data = ImageTextFolder(root, image_size=16, min_size=1, latents=store.folder)
     batch = collate_image_text([data[i] for i in range(3)])
     torch.testing.assert_close(batch["latents"], vae.encode(batch["images"]), rtol=1e-5, atol=1e-6)
     cascade = Cascade([latent_stage(vae)])

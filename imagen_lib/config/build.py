@@ -286,13 +286,7 @@ def _folder(options: dict, image_size: int, has_encoder: bool):
         raise ValueError("embeddings: missing; without a text_encoder block the captions must be precomputed "
                          "(imagen-lib precache --encoder T5 ROOT STORE, then data.embeddings: STORE)")
     options = dict(options)
-    latents = options.pop("latents", None)
-    folder = ImageTextFolder(options.pop("root"), image_size, **options)
-    if latents is None:
-        return folder
-    from imagen_lib.data.precache_latents import WithLatents
-
-    return WithLatents(folder, latents)
+    return ImageTextFolder(options.pop("root"), image_size, **options)
 
 
 def _shards(options: dict, image_size: int, has_encoder: bool):

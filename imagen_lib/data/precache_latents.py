@@ -3,8 +3,8 @@ frozen autoencoder, so training reads them and never runs (or loads) the VAE.
 
 - An image-caption folder gives a :class:`LatentStore`: a local folder with ``latents.npy`` (float32 (N, C, h,
   w), memory-mapped when read), ``keys.json`` (the folder's relative image paths, in order) and ``meta.json``
-  (the autoencoder's configuration and the image size). :class:`WithLatents` adds each item's ``latents`` to an
-  :class:`~imagen_lib.data.folder.ImageTextFolder` (config: ``data.latents``).
+  (the autoencoder's configuration and the image size), read by
+  ``ImageTextFolder(root, size, latents=FOLDER)`` (config: ``data.latents``), whose items then carry ``latents``.
 - Shards get a ``latent.npy`` field per sample (:func:`latent_fields`, written by
   :func:`~imagen_lib.data.precache.precache_shards`), which :class:`~imagen_lib.data.shards.ShardDataset` reads
   as ``latents``.
@@ -89,6 +89,20 @@ class LatentStore:
             raise ValueError(f"folder: {folder} holds {len(self.latents)} latents for {len(self.keys)} keys")
         self._rows = {key: i for i, key in enumerate(self.keys)}
 
+    @classmethod
+    def for_dataset(cls, store: Union["LatentStore", str, Path], keys: Sequence[str],
+                    image_size: int) -> "LatentStore":
+        """``store`` (or the store at that folder) checked to hold every key, made from ``image_size`` images."""
+        store = store if isinstance(store, LatentStore) else cls(store)
+        missing = [k for k in keys if k not in store]
+        if missing:
+            raise ValueError(f"latents: the store has no latents for {len(missing)} images (first: {missing[0]!r}); "
+                             "precache them again")
+        size = store.meta.get("image_size")
+        if size is not None and size != image_size:
+            raise ValueError(f"latents: they were made from {size} px images; the data set makes {image_size} px")
+        return store
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -97,34 +111,6 @@ class LatentStore:
 
     def __getitem__(self, key: str) -> Tensor:
         return torch.from_numpy(np.array(self.latents[self._rows[key]]))
-
-
-class WithLatents(torch.utils.data.Dataset):
-    """A data set whose items carry ``keys`` (:class:`~imagen_lib.data.folder.ImageTextFolder`) with each
-    item's precached ``latents`` added from ``store``; every other attribute is the data set's."""
-
-    def __init__(self, dataset: Any, store: Union[LatentStore, str, Path]):
-        self.dataset = dataset
-        self.store = store if isinstance(store, LatentStore) else LatentStore(store)
-        missing = [k for k in getattr(dataset, "keys", []) if k not in self.store]
-        if missing:
-            raise ValueError(f"latents: the store has no latents for {len(missing)} images (first: {missing[0]!r}); "
-                             "precache them again")
-        size, made = self.store.meta.get("image_size"), getattr(getattr(dataset, "transform", None), "image_size", None)
-        if size is not None and made is not None and size != made:
-            raise ValueError(f"latents: they were made from {size} px images; the data set makes {made} px")
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.dataset[index]
-        return {**item, "latents": self.store[item["keys"]]}
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "store"):  # not set yet (unpickling)
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 def latent_fields(autoencoder: Any, images: Sequence[Tensor]) -> list[dict[str, bytes]]:

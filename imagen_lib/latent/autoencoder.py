@@ -40,7 +40,6 @@ def diffusers_config(
     *, embed_dim: int = 4, z_channels: int = 4, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4),
     num_res_blocks: int = 2, double_z: bool = True, resolution: int = 256, in_channels: int = 3, out_ch: int = 3,
     attn_resolutions: Sequence[int] = (), dropout: float = 0.0, norm_num_groups: int = 32,
-    scaling_factor: float = SD_SCALING_FACTOR,
 ) -> dict:
     """diffusers' ``AutoencoderKL`` configuration for seed 003's ``ddconfig`` vocabulary (defaults: SD's VAE).
 
@@ -49,7 +48,8 @@ def diffusers_config(
     ``2 ** (len(ch_mult) - 1)``. diffusers' class, like SD's, has attention only in the middle block, a
     doubled ``z`` (mean and log-variance) and ``embed_dim == z_channels``, so other values are refused rather
     than silently changed; ``resolution`` is recorded (``sample_size``) but never used. ``norm_num_groups``
-    (32 in SD) must divide ``ch``: tiny VAEs need fewer groups.
+    (32 in SD) must divide ``ch``: tiny VAEs need fewer groups. The scaling factor is SD's (0.18215):
+    :meth:`AutoencoderKL.from_config` and :func:`~imagen_lib.latent.train_autoencoder` set another.
     """
     if embed_dim != z_channels:
         raise ValueError(f"embed_dim: diffusers' AutoencoderKL needs embed_dim == z_channels ({z_channels}), "
@@ -73,7 +73,7 @@ def diffusers_config(
         "down_block_types": ["DownEncoderBlock2D"] * len(mult), "up_block_types": ["UpDecoderBlock2D"] * len(mult),
         "block_out_channels": [ch * m for m in mult], "layers_per_block": int(num_res_blocks),
         "latent_channels": int(z_channels), "norm_num_groups": int(norm_num_groups),
-        "sample_size": int(resolution), "scaling_factor": float(scaling_factor),
+        "sample_size": int(resolution), "scaling_factor": SD_SCALING_FACTOR,
     }
 
 
@@ -120,10 +120,11 @@ class AutoencoderKL(nn.Module):
         model.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, posterior: str = "sample", seed: Optional[int] = None, **ddconfig: Any) -> "AutoencoderKL":
+    def from_config(cls, posterior: str = "sample", seed: Optional[int] = None,
+                    scaling_factor: float = SD_SCALING_FACTOR, **ddconfig: Any) -> "AutoencoderKL":
         """Random weights (drawn from ``torch.manual_seed(seed)`` when given) for seed 003's ``ddconfig`` keys
-        (:func:`diffusers_config`; defaults: SD's VAE)."""
-        config = diffusers_config(**ddconfig)
+        (:func:`diffusers_config`; defaults: SD's VAE), latents scaled by ``scaling_factor`` (SD's 0.18215)."""
+        config = {**diffusers_config(**ddconfig), "scaling_factor": float(scaling_factor)}
         with torch.random.fork_rng(enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
