@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from imagen_lib import cascade_checkpoint
-from imagen_lib.diffusion import diffusion_from_config, diffusion_kind, guidance
+from imagen_lib import cascade_checkpoint, cascade_latent
+from imagen_lib.cascade_stage import Stage, random_crops
+from imagen_lib.diffusion import diffusion_from_config, guidance
 from imagen_lib.diffusion.noise import Generator, rand
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
-from imagen_lib.diffusion.samplers import SAMPLERS, get_sampler
-from imagen_lib.protocols import DiffusionProcess, Network, TextEncoder, check_protocol, plain_config
+from imagen_lib.diffusion.samplers import get_sampler
+from imagen_lib.protocols import Network, TextEncoder, check_protocol, plain_config
 from imagen_lib.sampling_options import (
     InitImages,
     Inpainting,
@@ -59,84 +59,6 @@ __all__ = [
 
 CONFIG_FORMAT = "imagen_lib.cascade/1"
 _SEED_END = 2**63  # image i draws from torch.Generator().manual_seed(seed + i), which takes a signed 64-bit value
-
-
-# ---------------------------------------------------------------------------------------------------------
-# stages
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    """One stage of a cascade.
-
-    Attributes:
-        net: a network following :class:`imagen_lib.protocols.Network` (:class:`~imagen_lib.nn.unet.Unet`,
-            :class:`~imagen_lib.nn.efficient_unet.EfficientUnet`, or one of your own).
-        diffusion: a process following :class:`imagen_lib.protocols.DiffusionProcess`
-            (:class:`~imagen_lib.diffusion.GaussianDiffusionContinuous`,
-            :class:`~imagen_lib.diffusion.ElucidatedDiffusion`, a subclass or one of your own; to load it from
-            a checkpoint, register its class with :func:`imagen_lib.diffusion.register_diffusion`).
-        image_size: side of the square images this stage produces.
-        sampler: its :class:`SamplerSettings`.
-        lowres_aug: the noise-conditioning augmentation of a super-resolution stage (its ``max_train_level``
-            is the training range, its ``sample_level`` the default sampling level); default
-            ``NoiseAugmentation()`` when ``net.lowres_cond``, None otherwise.
-        random_crop_size: train on random square crops of this side (the target and its low-resolution input
-            cut at the same place) instead of whole images; sampling still makes whole images. Imagen trains
-            its super-resolution nets this way (64 px crops of 256 px images): a convolutional net without
-            self-attention sees the same local statistics at a fraction of the cost per step. Default None.
-    """
-
-    net: Network
-    diffusion: DiffusionProcess
-    image_size: int
-    sampler: SamplerSettings = field(default_factory=SamplerSettings)
-    lowres_aug: Optional[NoiseAugmentation] = None
-    random_crop_size: Optional[int] = None
-
-    def __post_init__(self):
-        check_protocol(self.net, Network, "net")
-        check_protocol(self.diffusion, DiffusionProcess, "diffusion")
-        if self.diffusion.default_sampler not in SAMPLERS:
-            raise ValueError(f"diffusion: its default_sampler {self.diffusion.default_sampler!r} is not one of "
-                             f"{sorted(SAMPLERS)}")
-        if not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ValueError(f"image_size: expected a positive int, got {self.image_size!r}")
-        if not isinstance(self.sampler, SamplerSettings):
-            raise TypeError(f"sampler: expected SamplerSettings, got {type(self.sampler).__name__}")
-        if self.net.lowres_cond and self.lowres_aug is None:
-            self.lowres_aug = NoiseAugmentation()
-        crop, size = self.random_crop_size, self.image_size
-        if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or not 1 <= crop <= size):
-            raise ValueError(f"random_crop_size: expected None or an int in [1, image_size={size}], got {crop!r}")
-
-    @property
-    def config(self) -> dict:
-        """Plain JSON values: the network's and process's kind and configuration, and the stage's settings."""
-        return {
-            "network": {"kind": type(self.net).__name__, "config": plain_config(self.net.config)},
-            "diffusion": {"kind": diffusion_kind(self.diffusion), "config": dict(self.diffusion.config)},
-            "image_size": self.image_size,
-            "sampler": self.sampler.config,
-            "lowres_aug": None if self.lowres_aug is None else self.lowres_aug.config,
-            "random_crop_size": self.random_crop_size,
-        }
-
-
-def random_crops(images: Sequence[Tensor], size: int, generator: Generator = None) -> list[Tensor]:
-    """The same random ``size`` x ``size`` window of each row cut from every tensor of ``images`` (all
-    (B, C, H, W) with equal B, H, W): row ``b`` keeps ``[top_b : top_b + size, left_b : left_b + size]``, offsets
-    uniform over the positions that fit."""
-    b, _, h, w = images[0].shape
-    device = images[0].device
-    tops = (rand((b,), generator, device) * (h - size + 1)).long().clamp_(max=h - size)
-    lefts = (rand((b,), generator, device) * (w - size + 1)).long().clamp_(max=w - size)
-    offsets = torch.arange(size, device=device)
-    rows = (tops[:, None] + offsets)[:, None, :, None]      # (B, 1, size, 1)
-    cols = (lefts[:, None] + offsets)[:, None, None, :]     # (B, 1, 1, size)
-    batch = torch.arange(b, device=device)[:, None, None, None]
-    return [x[batch, torch.arange(x.shape[1], device=device)[None, :, None, None], rows, cols] for x in images]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,10 +107,11 @@ class Cascade(nn.Module):
                 raise ValueError(f"stages: stage {k} follows another stage, so its net needs lowres_cond=True")
             if cur.image_size < prev.image_size:
                 raise ValueError(f"stages: stage {k} ({cur.image_size} px) is smaller than stage {k - 1}")
-        channels = {s.net.channels for s in stages}
+        channels = {s.image_channels for s in stages}  # a latent stage's net has its autoencoder's channels
         dims = {s.net.text_embed_dim for s in stages}
         if len(channels) > 1 or len(dims) > 1:
-            raise ValueError(f"stages: all nets need the same channels and text_embed_dim, got {channels}, {dims}")
+            raise ValueError(f"stages: all stages need the same image channels and text_embed_dim, got {channels}, "
+                             f"{dims}")
         dim = dims.pop()
         if text_encoder is not None and dim != text_encoder.embed_dim:
             raise ValueError(f"text_encoder: embed_dim {text_encoder.embed_dim} differs from the nets' {dim}")
@@ -236,7 +159,8 @@ class Cascade(nn.Module):
 
     @property
     def channels(self) -> int:
-        return self.stages[0].net.channels
+        """Channels of the images (a latent stage's nets see its autoencoder's latent channels instead)."""
+        return self.stages[0].image_channels
 
     @property
     def config(self) -> dict:
@@ -302,9 +226,10 @@ class Cascade(nn.Module):
 
     @typechecked
     def forward(
-        self, images: Tensor, texts: Optional[Sequence[str]] = None, text_embeds: Optional[Tensor] = None,
-        text_mask: Optional[Tensor] = None, stage: int = 0, *, net: Optional[Callable[..., Tensor]] = None,
-        text_encoder: Optional[PromptEncoder] = None, generator: Generator = None,
+        self, images: Optional[Tensor] = None, texts: Optional[Sequence[str]] = None,
+        text_embeds: Optional[Tensor] = None, text_mask: Optional[Tensor] = None, stage: int = 0, *,
+        net: Optional[Callable[..., Tensor]] = None, text_encoder: Optional[PromptEncoder] = None,
+        generator: Generator = None, latents: Optional[Tensor] = None,
     ) -> Tensor:
         """Training loss (scalar, mean over the batch) of ``stage`` on ``images``: a non-empty float (B, C, H, W)
         tensor with finite values in [-1, 1] (checked, like the text inputs: see :meth:`condition`).
@@ -315,12 +240,18 @@ class Cascade(nn.Module):
         both. In training mode each example's text is dropped with probability
         ``cond_drop_prob`` (its mask row set to all False). ``net`` / ``text_encoder`` stand in for the
         stage's own modules (the Trainer passes its distributed wrappers).
+
+        A latent stage (:mod:`imagen_lib.cascade_latent`) trains on the images encoded by its autoencoder, or on
+        precomputed ``latents`` (B, latent_channels, image_size / f, image_size / f) in their place
+        (``imagen-lib precache --autoencoder``); ``images`` may then be omitted unless the stage is a
+        super-resolution stage (its low-resolution input comes from the images). A pixel stage ignores
+        ``latents`` when it has ``images``, so one data set with precached latents feeds every stage.
         """
         k = self._stage_index(stage)
         st = self.stages[k]
-        check_images("images", images, channels=self.channels, value_range=(-1, 1))
-        images = images.to(self.device, torch.float32)
-        b = images.shape[0]
+        if latents is not None and not st.latent and images is not None:
+            latents = None
+        images, b = self._training_rows(st, images, latents)
         embeds, mask = self.condition(b, texts, text_embeds, text_mask, text_encoder)
         if embeds is not None and self.training and self.cond_drop_prob > 0:
             keep = rand((b,), generator, self.device) >= self.cond_drop_prob
@@ -329,14 +260,42 @@ class Cascade(nn.Module):
         kwargs: dict[str, Any] = {}
         if embeds is not None:
             kwargs.update(text_embeds=embeds, text_mask=mask)
-        x0 = resize(images, st.image_size)
-        low = resize(resize(images, self.stages[k - 1].image_size), st.image_size) if st.net.lowres_cond else None
-        if st.random_crop_size is not None and st.random_crop_size < st.image_size:
-            crops = random_crops([x0] if low is None else [x0, low], st.random_crop_size, generator)
-            x0, low = crops[0], (crops[1] if low is not None else None)
+        x0, low = self._training_targets(k, images, latents, generator)
         if low is not None:
             kwargs["lowres_img"], kwargs["lowres_noise_cond"] = st.lowres_aug(low, None, generator)
         return st.diffusion.loss(net if net is not None else st.net, x0, generator=generator, **kwargs)
+
+    def _training_rows(self, st: Stage, images: Optional[Tensor], latents: Optional[Tensor]):
+        """``images`` checked and on the cascade's device (or None with precomputed ``latents``), and the rows."""
+        if latents is not None:
+            cascade_latent.check_latents("latents", st, latents, None)
+            if st.net.lowres_cond and images is None:
+                raise ValueError("images: missing; a super-resolution stage takes its low-resolution input from "
+                                 "the images, also when latents are given")
+        elif images is None:
+            raise ValueError("images: missing; expected a (B, C, H, W) tensor in [-1, 1]")
+        if images is not None:
+            check_images("images", images, channels=self.channels, value_range=(-1, 1))
+            images = images.to(self.device, torch.float32)
+        b = images.shape[0] if images is not None else latents.shape[0]
+        if latents is not None and latents.shape[0] != b:
+            raise ValueError(f"latents: expected {b} rows (one per image), got {latents.shape[0]}")
+        return images, b
+
+    def _training_targets(self, k: int, images: Optional[Tensor], latents: Optional[Tensor], generator: Generator):
+        """Stage ``k``'s diffusion target and low-resolution input (None for a base stage), cropped when it trains
+        on crops; latents for a latent stage."""
+        st = self.stages[k]
+        x0 = resize(images, st.image_size) if latents is None else None
+        low = resize(resize(images, self.stages[k - 1].image_size), st.image_size) if st.net.lowres_cond else None
+        if st.latent:
+            x0, low = cascade_latent.training_inputs(st, x0, low, latents.to(self.device) if latents is not None
+                                                     else None)
+        crop = cascade_latent.net_crop_size(st)
+        if crop is not None:
+            crops = random_crops([x0] if low is None else [x0, low], crop, generator)
+            x0, low = crops[0], (crops[1] if low is not None else None)
+        return x0, low
 
     # ----------------------------------------------------------------------------------------------------
     # sampling
@@ -409,35 +368,37 @@ class Cascade(nn.Module):
         init: Optional[tuple[Tensor, float]] = None,
     ) -> Tensor:
         """Run stage ``k`` with its net in eval mode; ``prev`` is the previous stage's output in [-1, 1];
-        ``init``: SDEdit's images in [-1, 1] and strength (base stage). Returns [-1, 1] images."""
+        ``init``: SDEdit's images in [-1, 1] and strength (base stage). Returns [-1, 1] images (a latent stage
+        samples latents and returns them decoded: :mod:`imagen_lib.cascade_latent`)."""
         st = self.stages[k]
         b = len(generators)
         kwargs = dict(cond)
         if st.net.lowres_cond:
             if prev is None:
                 raise ValueError(f"start: stage {k} is a super-resolution stage and needs low-resolution images")
-            low = resize(prev, st.image_size)
+            low = cascade_latent.encode_for_sampling(st, resize(prev, st.image_size))
             level = st.lowres_aug.sampling_level(b, settings.lowres_aug_level, self.device, low.dtype)
             kwargs["lowres_img"], kwargs["lowres_noise_cond"] = st.lowres_aug(low, level, generators)
         sampler_fn = get_sampler(settings.sampler or st.diffusion.default_sampler)
         sigmas = st.diffusion.sigmas(settings.steps or st.diffusion.default_steps)
-        shape = (b, self.channels, st.image_size, st.image_size)
+        shape = (b, st.net.channels, st.net_size, st.net_size)
         if init is None:
             x = st.diffusion.initial_noise(shape, sigmas, generators, device=self.device, dtype=torch.float32)
         else:
-            sigmas, x = sdedit_start(st.diffusion, resize(init[0], st.image_size), init[1], sigmas, generators,
-                                     shape, self.device)
+            start = cascade_latent.encode_for_sampling(st, resize(init[0], st.image_size))
+            sigmas, x = sdedit_start(st.diffusion, start, init[1], sigmas, generators, shape, self.device)
         options = {"generator": generators, **settings.options}
         was_training = st.net.training
         st.net.eval()
         try:
             den = self._denoiser(k, st.net, settings, kwargs)
             if inpaint is None:
-                return sampler_fn(den, x, sigmas, disable_progress=disable_progress, **options)
-            images, masks = resize(inpaint[0], st.image_size), resize(inpaint[1], st.image_size) > 0.5
-            return guidance.inpaint(
-                sampler_fn, den, x, sigmas, images=images, masks=masks, disable_progress=disable_progress, **options
-            )
+                x = sampler_fn(den, x, sigmas, disable_progress=disable_progress, **options)
+            else:
+                images, masks = cascade_latent.inpaint_inputs(st, inpaint[0], inpaint[1])
+                x = guidance.inpaint(sampler_fn, den, x, sigmas, images=images, masks=masks,
+                                     disable_progress=disable_progress, **options)
+            return cascade_latent.decode_output(st, x)
         finally:
             st.net.train(was_training)
 
@@ -554,17 +515,23 @@ class Cascade(nn.Module):
     @classmethod
     def from_config(
         cls, config: dict, text_encoder: Optional[TextEncoder] = None, load_text_encoder: bool = True,
+        autoencoders: Optional[Mapping[int, Any]] = None,
     ) -> "Cascade":
         """A freshly initialised cascade from :attr:`config` (the text encoder is rebuilt from its source
         unless ``text_encoder`` is given or ``load_text_encoder`` is False). A process of your own is rebuilt
-        once its class is registered (:func:`imagen_lib.diffusion.register_diffusion`)."""
+        once its class is registered (:func:`imagen_lib.diffusion.register_diffusion`). A latent stage's
+        autoencoder is ``autoencoders[k]`` when given, else rebuilt from its source (a pretrained folder or name,
+        read lazily; random weights for one described by its configuration alone)."""
+        from imagen_lib.latent import autoencoder_from_config
         from imagen_lib.nn.networks import network_from_config
 
         if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
             raise ValueError(f"config: expected a Cascade.config dict with format {CONFIG_FORMAT!r}")
-        stages = []
-        for sc in config["stages"]:
+        stages, autoencoders = [], dict(autoencoders or {})
+        for k, sc in enumerate(config["stages"]):
             aug = sc.get("lowres_aug")
+            if k not in autoencoders and sc.get("autoencoder") is not None:
+                autoencoders[k] = autoencoder_from_config(sc["autoencoder"], random_weights=True)
             stages.append(Stage(
                 net=network_from_config(sc["network"]["kind"], sc["network"]["config"]),
                 diffusion=diffusion_from_config(sc["diffusion"]["kind"], sc["diffusion"]["config"]),
@@ -572,6 +539,7 @@ class Cascade(nn.Module):
                 sampler=SamplerSettings(**sc.get("sampler", {})),
                 lowres_aug=None if aug is None else NoiseAugmentation(**aug),
                 random_crop_size=sc.get("random_crop_size"),
+                autoencoder=autoencoders.get(k),
             ))
         if text_encoder is None and load_text_encoder and config.get("text_encoder") is not None:
             from imagen_lib.text import text_encoder_from_config

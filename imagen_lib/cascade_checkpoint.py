@@ -1,6 +1,7 @@
 """A cascade's checkpoint (the layout and the commit protocol are :mod:`imagen_lib.checkpoint`'s): its
-configuration, each stage's weights (raw and EMA) and, when it is built locally or trained, the text encoder's
-own files; loads check every file and every weight (:func:`imagen_lib.checkpoint.load_weights`).
+configuration, each stage's weights (raw and EMA), each latent stage's autoencoder (``autoencoder{k}/``, its
+config.json + safetensors) and, when it is built locally or trained, the text encoder's own files; loads
+check every file and every weight (:func:`imagen_lib.checkpoint.load_weights`).
 
 :meth:`Cascade.save <imagen_lib.cascade.Cascade.save>` and :meth:`Cascade.from_checkpoint
 <imagen_lib.cascade.Cascade.from_checkpoint>` call these; the Trainer writes its checkpoints with
@@ -47,10 +48,37 @@ def write_cascade_checkpoint(
     ``label``)."""
     check_no_adapters(tensors)
     folders = {"text_encoder": cascade.text_encoder.save_pretrained} if stores_text_encoder(cascade) else {}
+    folders.update(autoencoder_folders(cascade))
     return ckpt.write_checkpoint(
         path, config=cascade.config, tensors=tensors, json_files=json_files or {}, folders=folders,
         overwrite=overwrite, run_id=run_id, keep_last=keep_last, label=label,
     )
+
+
+def autoencoder_folders(cascade: Any) -> dict:
+    """``{"autoencoder{k}": save_pretrained}`` for every latent stage ``k``: checkpoints always hold the
+    autoencoder's weights (config.json + safetensors), so a checkpoint samples as it was trained even when a
+    published VAE it came from changes or is out of reach."""
+    return {f"autoencoder{k}": stage.autoencoder.save_pretrained for k, stage in enumerate(cascade.stages)
+            if getattr(stage, "autoencoder", None) is not None}
+
+
+def read_autoencoders(path: PathLike, config: dict) -> dict:
+    """``{k: autoencoder}`` of every latent stage of ``config``, from the checkpoint's ``autoencoder{k}/``
+    folder (from its source, read lazily, when the folder is missing and the source is a pretrained VAE)."""
+    from imagen_lib.latent import autoencoder_from_config
+
+    found = {}
+    for k, stage in enumerate(config.get("stages", [])):
+        if stage.get("autoencoder") is None:
+            continue
+        name = f"autoencoder{k}"
+        if ckpt.has_file(path, name):
+            with ckpt.local_folder(path, name) as folder:
+                found[k] = autoencoder_from_config(stage["autoencoder"], folder=folder)
+        else:
+            found[k] = autoencoder_from_config(stage["autoencoder"])
+    return found
 
 
 def save_cascade(cascade: Any, path: PathLike, *, overwrite: bool = False, keep_last: int = 1) -> str:
@@ -96,7 +124,8 @@ def read_cascade(
     encoder = None
     if load_text_encoder and config.get("text_encoder") is not None:
         encoder = read_text_encoder(path, config["text_encoder"], use_ema)
-    cascade = cascade_class.from_config(config, text_encoder=encoder, load_text_encoder=False)
+    cascade = cascade_class.from_config(config, text_encoder=encoder, load_text_encoder=False,
+                                        autoencoders=read_autoencoders(path, config))
     for k, stage in enumerate(cascade.stages):
         name = f"stage{k}.ema" if use_ema and ckpt.has_file(path, f"stage{k}.ema.safetensors") else f"stage{k}"
         ckpt.load_weights(stage.net, ckpt.read_tensors(path, name), f"{name}.safetensors in {path}")

@@ -30,6 +30,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "imagen_lib.data": (2, "data"),
     "imagen_lib.cascade": (3, "cascade"),
     "imagen_lib.cascade_checkpoint": (3, "cascade"),
+    "imagen_lib.cascade_latent": (3, "cascade"),
+    "imagen_lib.cascade_stage": (3, "cascade"),
     "imagen_lib.sampling_options": (3, "cascade"),
     "imagen_lib.training": (4, "trainer"),
     "imagen_lib.config": (5, "configuration"),

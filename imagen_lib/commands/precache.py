@@ -10,6 +10,11 @@ INPUT is one of
 
 Embeddings are float16, trimmed to each caption's real token length, with the mask. The work is resumable:
 run the same command again after an interruption and it continues where it stopped.
+
+``--autoencoder VAE --image-size S`` also encodes every image for a latent stage (seed 003's precached
+latents; :mod:`imagen_lib.data.precache_latents`): a folder gets a latent store in OUTPUT/latents (config:
+``data.latents``), shards a ``latent.npy`` per sample. Training then needs neither the VAE's weights (``lazy:
+true`` in the stage's autoencoder block) nor the text encoder.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="encoder weights' dtype (default: as saved; bfloat16 halves a large T5's memory)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--autoencoder", default=None, metavar="VAE",
+                        help="also write the images' latents, encoded by this VAE (folder or hub name; diffusers)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="with --autoencoder: the latent stage's image_size (images are resized and centre-"
+                             "cropped to it before encoding)")
 
 
 def input_kind(value: str) -> Literal["folder", "captions", "shards"]:
@@ -67,10 +77,15 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or fastest_device()
     encoder = build_encoder(args, device, dtype=args.dtype)
     progress = not args.no_progress
+    latents = latent_options(args, kind, device)
     if kind == "shards":
-        urls = precache_shards(encoder, args.input, args.output, batch_size=args.batch_size, progress=progress)
-        print(f"precache: wrote {len(urls)} shards with emb.npy + emb_mask.npy to {args.output}")
+        urls = precache_shards(encoder, args.input, args.output, batch_size=args.batch_size, progress=progress,
+                               latents=latents)
+        added = " + latent.npy" if latents else ""
+        print(f"precache: wrote {len(urls)} shards with emb.npy + emb_mask.npy{added} to {args.output}")
         return 0
+    if latents is not None:
+        folder_latents(args, latents, progress)
     if kind == "folder":
         from imagen_lib.data.folder import ImageTextFolder
 
@@ -87,3 +102,32 @@ def run(args: argparse.Namespace) -> int:
         f"on {device}, in {args.output}"
     )
     return 0
+
+
+def latent_options(args: argparse.Namespace, kind: str, device: str):
+    """``(autoencoder, image_size)`` with ``--autoencoder`` (None without it), checked against INPUT."""
+    if args.autoencoder is None:
+        if args.image_size is not None:
+            raise SystemExit("imagen-lib precache: --image-size is for --autoencoder")
+        return None
+    if kind == "captions":
+        raise SystemExit("imagen-lib precache: --autoencoder needs images (a folder or shards), not a captions file")
+    if args.image_size is None or args.image_size < 1:
+        raise SystemExit("imagen-lib precache: --autoencoder needs --image-size (the latent stage's image_size)")
+    from imagen_lib.latent import AutoencoderKL
+
+    autoencoder = AutoencoderKL.from_pretrained(args.autoencoder, posterior="mean")
+    autoencoder.model.to(device)
+    return autoencoder, args.image_size
+
+
+def folder_latents(args: argparse.Namespace, latents, progress: bool) -> None:
+    """Encode an image-caption folder's images into the latent store OUTPUT/latents."""
+    from imagen_lib.data.folder import ImageTextFolder
+    from imagen_lib.data.precache_latents import precache_folder_latents
+
+    autoencoder, size = latents
+    dataset = ImageTextFolder(args.input, image_size=size, min_size=1)
+    store = precache_folder_latents(autoencoder, dataset, Path(args.output) / "latents",
+                                    batch_size=args.batch_size, progress=progress)
+    print(f"precache: {len(store)} latents of shape {tuple(store.latents.shape[1:])} in {store.folder}")

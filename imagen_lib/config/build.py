@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 from imagen_lib.cascade import Cascade, Stage
 from imagen_lib.config.convert import ConfigError, field_names, from_dict, to_dict
 from imagen_lib.config.schema import (
+    AutoencoderBlock,
     FolderData,
     NetworkBlock,
     RunConfig,
@@ -82,13 +83,14 @@ def _vocabulary(value: Union[None, str, list[str]]) -> Optional[list[str]]:
 
 
 def build_network(block: Union[str, dict, NetworkBlock], *, text_embed_dim: Optional[int], lowres_cond: bool,
-                  where: str = "network"):
+                  where: str = "network", **cascade_values: Any):
     """The network of a ``network`` block (a preset name, ``{preset, config}`` or ``{kind, config}``);
-    ``text_embed_dim`` (None: no text) and ``lowres_cond`` come from the cascade, over a preset's values,
-    unless the block's ``config`` sets them. ``where`` names the block in errors."""
+    ``text_embed_dim`` (None: no text), ``lowres_cond`` and ``cascade_values`` (a latent stage's ``channels``)
+    come from the cascade, over a preset's values, unless the block's ``config`` sets them. ``where`` names the
+    block in errors."""
     if not isinstance(block, NetworkBlock):
         block = from_dict(NetworkBlock, {"preset": block} if isinstance(block, str) else block, where)
-    arguments = {"text_embed_dim": text_embed_dim, "lowres_cond": lowres_cond, **block.config}
+    arguments = {"text_embed_dim": text_embed_dim, "lowres_cond": lowres_cond, **cascade_values, **block.config}
     try:
         if block.preset is not None:
             return presets.build(block.preset, **arguments)
@@ -98,18 +100,38 @@ def build_network(block: Union[str, dict, NetworkBlock], *, text_embed_dim: Opti
         raise ConfigError(f"{where}.{field}: {error}") from error
 
 
-def build_stage(block: StageConfig, k: int, text_embed_dim: Optional[int]) -> Stage:
-    """Stage ``k`` of the cascade (``lowres_cond`` for every stage after the first)."""
-    net = build_network(block.network, text_embed_dim=text_embed_dim, lowres_cond=k > 0,
-                        where=f"stages.{k}.network")
-    aug, where = block.lowres_aug, f"stages.{k}"
+def build_autoencoder(block: Optional[AutoencoderBlock], where: str = "autoencoder"):
+    """The :class:`~imagen_lib.latent.AutoencoderKL` of a stage's ``autoencoder`` block (None without one)."""
+    if block is None:
+        return None
+    from imagen_lib.latent import AutoencoderKL  # lazy: diffusers is an optional extra
+
+    with _block_errors(where, keys=field_names(AutoencoderBlock)):
+        if block.pretrained is not None:
+            return AutoencoderKL.from_pretrained(block.pretrained, posterior=block.posterior,
+                                                 subfolder=block.subfolder, lazy=block.lazy)
+        return AutoencoderKL.from_config(posterior=block.posterior, seed=block.seed, **block.config)
+
+
+def build_stage(block: StageConfig, k: int, text_embed_dim: Optional[int], threshold_given: bool = True) -> Stage:
+    """Stage ``k`` of the cascade (``lowres_cond`` for every stage after the first); a stage with an
+    ``autoencoder`` block is a latent stage, its net taking the latent channels unless its config says, and
+    sampling without thresholding unless its sampler block names a ``threshold`` (``threshold_given``)."""
+    where = f"stages.{k}"
+    autoencoder = build_autoencoder(block.autoencoder, f"{where}.autoencoder")
+    sampler = block.sampler
+    if autoencoder is not None and sampler is not None and not threshold_given:
+        sampler = sampler.replace(threshold="none")  # latents are not in [-1, 1]
+    net = build_network(block.network, text_embed_dim=text_embed_dim, lowres_cond=k > 0, where=f"{where}.network",
+                        **({} if autoencoder is None else {"channels": autoencoder.latent_channels}))
+    aug = block.lowres_aug
     with _block_errors(f"{where}.diffusion.config"):
         diffusion = diffusion_from_config(block.diffusion.kind, block.diffusion.config)
     with _block_errors(f"{where}.lowres_aug"):
         lowres_aug = NoiseAugmentation(**aug) if aug else None
     with _block_errors(where, keys=field_names(StageConfig)):
-        return Stage(net=net, diffusion=diffusion, image_size=block.image_size, sampler=block.sampler,
-                     lowres_aug=lowres_aug, random_crop_size=block.random_crop_size)
+        return Stage(net=net, diffusion=diffusion, image_size=block.image_size, sampler=sampler,
+                     lowres_aug=lowres_aug, random_crop_size=block.random_crop_size, autoencoder=autoencoder)
 
 
 def build_cascade(config: Config) -> Cascade:
@@ -128,8 +150,17 @@ def build_cascade(config: Config) -> Cascade:
         np.random.seed(run.seed % 2**32)
     encoder = build_text_encoder(run.text_encoder)
     dim = _text_embed_dim(run, encoder)
-    stages = [build_stage(block, k, dim) for k, block in enumerate(run.stages)]
+    given = _thresholds_given(config, len(run.stages))
+    stages = [build_stage(block, k, dim, given[k]) for k, block in enumerate(run.stages)]
     return Cascade(stages, text_encoder=encoder, cond_drop_prob=float(run.cond_drop_prob))
+
+
+def _thresholds_given(config: Config, count: int) -> list[bool]:
+    """Whether each stage block's ``sampler`` names a ``threshold`` (a parsed RunConfig: taken as named)."""
+    if isinstance(config, RunConfig):
+        return [True] * count
+    blocks = [b if isinstance(b, dict) else {} for b in config.get("stages", [])]
+    return [isinstance(b.get("sampler"), dict) and "threshold" in b["sampler"] for b in blocks]
 
 
 def _text_embed_dim(run: RunConfig, encoder) -> Optional[int]:

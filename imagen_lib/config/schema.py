@@ -150,6 +150,27 @@ class TrainBlock:
 
 
 @dataclass
+class AutoencoderBlock:
+    """A stage's ``autoencoder`` (a latent stage, :class:`~imagen_lib.latent.AutoencoderKL`): a published or saved
+    VAE, ``{pretrained: FOLDER_OR_NAME, subfolder: vae}``, or random weights from seed 003's ``ddconfig`` keys,
+    ``{config: {ch: 128, ch_mult: [1, 2, 4, 4], ...}, seed: 0}`` (tests; a checkpoint keeps the weights).
+    ``posterior``: ``sample`` (default, SD's) or ``mean``; ``lazy``: read the weights on first use (default
+    False; True when training on precached latents)."""
+
+    pretrained: Optional[str] = None
+    subfolder: Optional[str] = None
+    config: Optional[dict] = None
+    seed: int = 0
+    posterior: Literal["sample", "mean"] = "sample"
+    lazy: bool = False
+
+    def __post_init__(self):
+        if (self.pretrained is None) == (self.config is None):
+            raise ValueError("pretrained: expected exactly one of pretrained (a folder or hub name) and config")
+        check_seed("seed", self.seed)
+
+
+@dataclass
 class StageConfig:
     """One entry of ``stages`` (lowest resolution first).
 
@@ -157,20 +178,23 @@ class StageConfig:
         image_size: side of the images this stage makes.
         network: a :class:`NetworkBlock` (or a preset name).
         diffusion: a :class:`DiffusionBlock`, default EDM.
-        sampler: :class:`~imagen_lib.cascade.SamplerSettings` fields.
+        sampler: :class:`~imagen_lib.cascade.SamplerSettings` fields (default: its defaults, without
+            thresholding for a latent stage).
         lowres_aug: :class:`~imagen_lib.diffusion.noise_augment.NoiseAugmentation` arguments of a
             super-resolution stage, default None (its defaults).
         random_crop_size: train on random crops of this side (Imagen's SR stages: 64 of 256), default None.
         train: a :class:`TrainBlock`.
+        autoencoder: an :class:`AutoencoderBlock` for a latent stage, default None (a pixel stage).
     """
 
     image_size: int
     network: Union[str, NetworkBlock]
     diffusion: DiffusionBlock = field(default_factory=DiffusionBlock)
-    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    sampler: Optional[SamplerSettings] = None
     lowres_aug: Optional[dict] = None
     random_crop_size: Optional[int] = None
     train: TrainBlock = field(default_factory=TrainBlock)
+    autoencoder: Optional[AutoencoderBlock] = None
 
     def __post_init__(self):
         _at_least("image_size", self.image_size, 1)
@@ -207,11 +231,13 @@ class ShapesData:
 @dataclass(kw_only=True)
 class FolderData:
     """``data: {type: folder}``: :class:`~imagen_lib.data.folder.ImageTextFolder`, images with a same-named
-    .txt caption beside each (its arguments and defaults; ``extensions`` None: its default list)."""
+    .txt caption beside each (its arguments and defaults; ``extensions`` None: its default list); ``latents``:
+    a latent store of its images (``imagen-lib precache --autoencoder``), default None."""
 
     type: Literal["folder"] = "folder"
     root: str
     embeddings: Optional[str] = None
+    latents: Optional[str] = None
     token_length: Optional[int] = None
     crop: Literal["center", "random"] = "center"
     flip: bool = False

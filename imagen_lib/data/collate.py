@@ -15,12 +15,14 @@ def collate_image_text(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The Trainer's batch dict from items of :class:`~imagen_lib.data.folder.ImageTextFolder` or
     :class:`~imagen_lib.data.shards.ShardDataset`.
 
-    ``images`` are stacked; ``texts`` and ``keys`` become lists; ``text_embeds`` / ``text_mask`` of
-    different lengths are zero-padded to the longest before stacking.
+    ``images`` (and precached ``latents``) are stacked; ``texts`` and ``keys`` become lists; ``text_embeds`` /
+    ``text_mask`` of different lengths are zero-padded to the longest before stacking.
     """
     if not samples:
         raise ValueError("collate_image_text needs at least one sample")
     batch: dict[str, Any] = {"images": torch.stack([s["images"] for s in samples])}
+    if "latents" in samples[0]:  # precached by imagen-lib precache --autoencoder
+        batch["latents"] = torch.stack([s["latents"] for s in samples])
     if "text_embeds" in samples[0]:
         longest = max(s["text_embeds"].shape[0] for s in samples)
         fitted = [fit_token_length(s["text_embeds"], s["text_mask"], max(longest, 1)) for s in samples]

@@ -89,6 +89,8 @@ class ImageTextFolder(Dataset):
             ``max_length``).
         seed: seed of the random crop and flip (default 0); item ``i`` of epoch ``e`` is deterministic.
         max_bad_share: the share of bad files tolerated (default 0.01); more is a ``ValueError``.
+        latents: a :class:`~imagen_lib.data.precache_latents.LatentStore` (or its folder) of every image,
+            precached for a latent stage at this ``image_size``; items then carry ``latents`` too. Default None.
 
     Items: ``{"images": (3, S, S) in [-1, 1], "texts": str, "keys": relative path}`` (or ``text_embeds``
     (N, D) float32 + ``text_mask`` (N,) bool instead of ``texts``). Use ``collate_fn`` with a DataLoader.
@@ -117,6 +119,7 @@ class ImageTextFolder(Dataset):
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         seed: int = 0,
         max_bad_share: float = 0.01,
+        latents: Union[None, str, Path, Any] = None,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -144,6 +147,11 @@ class ImageTextFolder(Dataset):
                     f"embeddings: {len(missing)} captions are not precomputed (first: {missing[0]}); run precache"
                 )
         self.seed, self.epoch = int(seed), 0
+        self.latents = None
+        if latents is not None:  # a latent stage's precached latents (imagen_lib.data.precache_latents)
+            from imagen_lib.data.precache_latents import LatentStore
+
+            self.latents = LatentStore.for_dataset(latents, self.keys, image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -178,6 +186,8 @@ class ImageTextFolder(Dataset):
             item["text_embeds"], item["text_mask"] = fit_token_length(
                 embeds.float(), mask, self.token_length or self.store.max_length
             )
+        if self.latents is not None:
+            item["latents"] = self.latents[self.keys[index]]
         return item
 
     def _fail(self, index: int, error: BadSample) -> None:

@@ -20,7 +20,7 @@ import io
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -117,11 +117,16 @@ def precache_shards(
     *,
     batch_size: int = 64,
     progress: bool = True,
+    latents: Optional[tuple[Any, int]] = None,
 ) -> list[str]:
     """Copy every shard of ``urls`` into the folder ``output`` (any fsspec URL) with each sample's caption
     encoded: ``emb.npy`` (float16 (L, D), trimmed to the real length) and ``emb_mask.npy`` are added beside
     the image and ``txt``. Resumable shard by shard: a shard is written under a temporary name and renamed
     when complete, and shards already in ``output`` are skipped. Returns the output shard URLs.
+
+    ``latents``: ``(autoencoder, image_size)`` to add each image's latents too (``latent.npy``, float32
+    (C, h, w): the image resized and centre-cropped to ``image_size``, encoded with the posterior's mean;
+    :mod:`imagen_lib.data.precache_latents`); ``encoder`` may then be None (latents only).
     """
     inputs = expand_urls(urls)
     outputs = []
@@ -136,23 +141,38 @@ def precache_shards(
             for sample in iter_shard_samples(url):
                 batch.append(sample)
                 if len(batch) == batch_size:
-                    yield from _with_embeddings(encoder, batch)
+                    yield from _with_embeddings(encoder, batch, latents)
                     batch = []
             if batch:
-                yield from _with_embeddings(encoder, batch)
+                yield from _with_embeddings(encoder, batch, latents)
 
         write_samples(encoded(), target)
     return outputs
 
 
-def _with_embeddings(encoder: Encoder, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    missing = [s["__key__"] for s in samples if "txt" not in s]
-    if missing:
-        raise ValueError(f"samples without a txt caption cannot be precached: {missing[:5]}")
-    embeds, mask = _encode(encoder, [s["txt"].decode("utf-8") for s in samples])
-    fields = embedding_fields(embeds, mask)
+def _with_embeddings(encoder: Optional[Encoder], samples: list[dict[str, Any]],
+                     latents: Optional[tuple[Any, int]] = None) -> list[dict[str, Any]]:
+    fields: list[dict[str, bytes]] = [{} for _ in samples]
+    if encoder is not None:
+        missing = [s["__key__"] for s in samples if "txt" not in s]
+        if missing:
+            raise ValueError(f"samples without a txt caption cannot be precached: {missing[:5]}")
+        embeds, mask = _encode(encoder, [s["txt"].decode("utf-8") for s in samples])
+        fields = embedding_fields(embeds, mask)
+    if latents is not None:
+        fields = [{**f, **g} for f, g in zip(fields, _latent_fields(latents, samples))]
     kept = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in samples]
     return [{**s, **f} for s, f in zip(kept, fields)]
+
+
+def _latent_fields(latents: tuple[Any, int], samples: list[dict[str, Any]]) -> list[dict[str, bytes]]:
+    from imagen_lib.data.precache_latents import latent_fields
+    from imagen_lib.data.shard_samples import decode_image
+    from imagen_lib.data.transforms import ImageTransform
+
+    autoencoder, image_size = latents
+    transform = ImageTransform(image_size)
+    return latent_fields(autoencoder, [transform(decode_image(s)) for s in samples])
 
 
 def _exists(url: str) -> bool:

@@ -331,7 +331,12 @@ class ShardDataset(IterableDataset):
         """The decoded RGB image and text fields; :class:`BadSample` for a sample that cannot be used."""
         sample_error(sample)
         image = decode_image(sample)
-        return image, self._text(sample)
+        fields = self._text(sample)
+        if "latent.npy" in sample:  # precached by imagen-lib precache --autoencoder (a latent stage's)
+            from imagen_lib.data.precache_latents import decode_latents
+
+            fields["latents"] = decode_latents(sample)
+        return image, fields
 
     def _item(self, sample: dict[str, Any], image: Image.Image, text: dict[str, Any], seed: list[int]) -> dict:
         generator = None

@@ -44,7 +44,7 @@ __all__ = ["Trainer", "StageState", "TrainerSettings", "lr_factor", "NonFiniteLo
            "flatten_config"]
 
 Batch = Union[Tensor, Mapping[str, Any]]
-_BATCH_KEYS = ("images", "texts", "text_embeds", "text_mask")
+_BATCH_KEYS = ("images", "texts", "text_embeds", "text_mask", "latents")  # latents: a latent stage's, precached
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -223,12 +223,15 @@ class Trainer:
     def _normalise_batch(self, batch: Batch) -> tuple[dict, int]:
         if isinstance(batch, Tensor):
             batch = {"images": batch}
-        if not isinstance(batch, Mapping) or "images" not in batch:
-            raise TypeError("batch: expected an images tensor or a dict with 'images' (and 'texts' or 'text_embeds')")
+        if not isinstance(batch, Mapping) or ("images" not in batch and "latents" not in batch):
+            raise TypeError("batch: expected an images tensor or a dict with 'images' (and 'texts' or 'text_embeds'; "
+                            "or 'latents' for a latent stage)")
         out = {k: batch.get(k) for k in _BATCH_KEYS}
         if out["texts"] is not None:
             out["texts"] = [out["texts"]] if isinstance(out["texts"], str) else list(out["texts"])
-        return out, int(out["images"].shape[0])
+        if out["latents"] is None:
+            del out["latents"]  # pixel batches reach Cascade.forward exactly as before
+        return out, int((out["images"] if out["images"] is not None else out["latents"]).shape[0])
 
     def _set_lr(self, state: StageState) -> float:
         s = self.settings
