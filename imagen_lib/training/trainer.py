@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.cascade import Cascade
 from imagen_lib.cascade_checkpoint import write_cascade_checkpoint
-from imagen_lib.training import accumulation, nonfinite, trainer_state
+from imagen_lib.training import accumulation, compilation, nonfinite, sharding, trainer_state
 from imagen_lib.training.data_order import DataOrder, DataPosition, start_position
 from imagen_lib.training.nonfinite import NonFiniteLossError
 from imagen_lib.training.settings import TrainerSettings, lr_factor
@@ -142,6 +142,7 @@ class Trainer:
             mixed_precision="no", cpu=cpu, log_with=log_with,  # the precision is the Trainer's own (_autocast)
             project_dir=None if project_dir is None else str(project_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+            fsdp_plugin=sharding.fsdp_plugin() if self.settings.fsdp else None,
         )
 
     def _make_scaler(self):
@@ -171,16 +172,19 @@ class Trainer:
         emas = [EMA(stage.net, **ema_kwargs) for stage in self.cascade.stages]
         self.text_ema = EMA(encoder.model, **ema_kwargs) if self.train_text else None  # shared by all stages
         self.text_wrapper = acc.prepare_model(encoder) if self.train_text else None
+        self.sharded = sharding.is_sharded(acc, self.train_text, s.fsdp)  # FSDP 2: imagen_lib.training.sharding
         self.stages: list[StageState] = []
         for k, stage in enumerate(self.cascade.stages):
-            wrapper = acc.prepare_model(stage.net)
             groups = [{"params": [p for p in stage.net.parameters() if p.requires_grad], "lr": lrs[k]}]
             if self.train_text:
                 groups.append({"params": list(encoder.model.parameters()), "lr": s.text_encoder_lr or lrs[k]})
             opt = torch.optim.AdamW(groups, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay,
                                     fused=s.fused_optimizer or None)
-            self.stages.append(StageState(wrapper, acc.prepare_optimizer(opt), emas[k], lrs[k],
-                                          horizon=s.total_steps))
+            wrapper, opt = sharding.prepare_stage(acc, stage.net, opt, self.sharded)
+            if self.sharded:
+                sharding.shard_ema(acc, emas[k])
+            wrapper = compilation.compiled(wrapper, s.compile)
+            self.stages.append(StageState(wrapper, opt, emas[k], lrs[k], horizon=s.total_steps))
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -291,6 +295,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
         elif self.scaler is None:
             norm = nonfinite.total_grad_norm(params)
+        norm = sharding.whole(norm)  # under FSDP a norm over every shard
         # with fp16 the scaler skips overflowed gradients itself; without it, a non-finite norm skips here
         if self.scaler is None and not nonfinite.is_finite(self.accelerator, loss, norm):
             return self._skip_step(k, state, _not_finite(loss))
@@ -455,13 +460,16 @@ class Trainer:
         return float(self.accelerator.reduce(t, reduction="mean")) if self.accelerator.num_processes > 1 else float(t)
 
     def write_samples(self, path: Union[str, Path], prompts: Sequence[str], **sample_kwargs: Any) -> Optional[str]:
-        """Sample ``prompts`` with the EMA weights and write a captioned grid PNG (main process only)."""
-        if not self.is_main_process:
+        """Sample ``prompts`` with the EMA weights and write a captioned grid PNG (main process only; under FSDP
+        every process samples, as the sharded networks' forward passes are collectives)."""
+        if not (self.is_main_process or self.sharded):
             return None
         from imagen_lib.images import captioned_grid, save_png
 
         sample_kwargs.setdefault("disable_progress", True)
         images = self.sample(list(prompts), **sample_kwargs)
+        if not self.is_main_process:
+            return None
         return save_png(str(path), captioned_grid(images.cpu(), list(prompts)))
 
     # ----------------------------------------------------------------------------------------------------
@@ -477,15 +485,19 @@ class Trainer:
         versions are kept where the checkpoint writer keeps versions. Weights holding NaN or infinite values are
         never written (:class:`NonFiniteLossError`), so the last good checkpoint stays.
         """
-        files = {f"stage{k}": st.net.state_dict() for k, st in enumerate(self.cascade.stages)}
-        files.update({f"stage{k}.ema": st.ema.ema_model.state_dict() for k, st in enumerate(self.stages)})
+        modules = {f"stage{k}": st.net for k, st in enumerate(self.cascade.stages)}
+        modules.update({f"stage{k}.ema": st.ema.ema_model for k, st in enumerate(self.stages)})
         if self.text_ema is not None:
-            files["text_encoder"] = self.cascade.text_encoder.model.state_dict()
-            files["text_encoder.ema"] = self.text_ema.ema_model.state_dict()
-        # on every process (their weights are equal), so all of them raise together
-        nonfinite.check_finite_weights(files, str(path), self.last_checkpoint)
+            modules["text_encoder"] = self.cascade.text_encoder.model
+            modules["text_encoder.ema"] = self.text_ema.ema_model
+        # under FSDP gathered collectively (whole tensors on the main process); else each module's state_dict()
+        files = {name: sharding.full_state_dict(module, self.sharded) for name, module in modules.items()}
+        optimizers = [sharding.optimizer_state(net.net, st.optimizer, self.sharded)
+                      for net, st in zip(self.cascade.stages, self.stages)]
+        # on every process, so all of them raise together
+        sharding.check_finite_weights(self.accelerator, files, str(path), self.last_checkpoint, self.sharded)
         if self.is_main_process:
-            tensors, state = trainer_state.trainer_state(self)
+            tensors, state = trainer_state.trainer_state(self, optimizers)
             files["trainer"] = tensors
             write_cascade_checkpoint(self.cascade, path, tensors=files, json_files={"trainer": state},
                                      overwrite=overwrite, run_id=self.run_id, **self._version_options())
