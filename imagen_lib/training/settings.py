@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+from imagen_lib.training.compilation import check_compile
 from imagen_lib.validation import check_int, check_number
 
 __all__ = ["TrainerSettings", "lr_factor"]
@@ -46,8 +47,9 @@ class TrainerSettings:
             Accelerate; :mod:`imagen_lib.training.sharding`) when the Trainer makes its accelerator and runs on
             several GPUs [False: data parallel]. An ``accelerate launch --config_file`` with ``distributed_type:
             FSDP`` shards without it.
-        compile: ``torch.compile`` each stage's network for training (:mod:`imagen_lib.training.compilation`)
-            [False].
+        compile: ``torch.compile`` each stage's network for training: True (the inductor backend), a backend
+            name (``"aot_eager"``, ...; :data:`~imagen_lib.training.compilation.BACKENDS`) or False [False]. See
+            :mod:`imagen_lib.training.compilation`.
     """
 
     lr: Union[float, Sequence[float]] = 1e-4
@@ -71,7 +73,7 @@ class TrainerSettings:
     max_nonfinite_steps: int = 20
     gradient_accumulation_steps: int = 1
     fsdp: bool = False
-    compile: bool = False
+    compile: Union[bool, str] = False
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -86,7 +88,8 @@ class TrainerSettings:
         self.max_nonfinite_steps = check_int("max_nonfinite_steps", self.max_nonfinite_steps, low=1)
         self.gradient_accumulation_steps = check_int("gradient_accumulation_steps", self.gradient_accumulation_steps,
                                                      low=1)
-        for name in ("fused_optimizer", "fsdp", "compile"):
+        self.compile = check_compile(self.compile)
+        for name in ("fused_optimizer", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
