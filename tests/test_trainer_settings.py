@@ -114,3 +114,22 @@ def test_a_compiled_network_trains_a_step_like_eager_and_saves_plain_names(tmp_p
                            "project's 2 shared CPU cores (measured); set IMAGEN_LIB_TEST_INDUCTOR=1 to run it")
 def test_inductor_compiles_a_step_like_eager():
     _same_step(_one_step(False), _one_step(True))
+
+
+@pytest.mark.parametrize("flags,fsdp,compile", [([], False, False), (["--fsdp", "--compile"], True, True),
+                                                (["--compile", "aot_eager"], False, "aot_eager")])
+def test_fsdp_and_compile_flags_are_config_values(flags, fsdp, compile):
+    import argparse
+
+    from tiny_cascade import tiny_config
+
+    from imagen_lib.commands.train import add_arguments, setting_overrides
+    from imagen_lib.config import apply_overrides
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["config.yaml", *flags])
+    settings = trainer_settings(apply_overrides(tiny_config(), setting_overrides(args)))
+    assert (settings.fsdp, settings.compile) == (fsdp, compile)
+    with pytest.raises(ConfigError, match=r"trainer\.compile"):
+        trainer_settings(apply_overrides(tiny_config(), ["trainer.compile=fast"]))

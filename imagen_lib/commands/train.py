@@ -34,7 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="N",
                         help="loader batches per optimizer step (default: the config's "
                              "trainer.gradient_accumulation_steps, 1); steps and schedules count optimizer steps")
+    add_scale_out_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--fsdp`` and ``--compile`` (``imagen-lib train`` and ``examples/train.py``): config values, see
+    :func:`setting_overrides`."""
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard weights, gradients, optimizer state and EMA over the GPUs (FSDP 2 through "
+                             "Accelerate; trainer.fsdp); or launch with an Accelerate FSDP config file instead")
+    parser.add_argument("--compile", nargs="?", const="true", default=None, metavar="BACKEND",
+                        help="torch.compile the networks for training (trainer.compile; BACKEND: inductor [default], "
+                             "aot_eager, eager, cudagraphs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from imagen_lib.training.trainer import Trainer
 
     start = time.time()
-    config = apply_overrides(load_config(args.config), args.overrides + accumulation_override(args))
+    config = apply_overrides(load_config(args.config), args.overrides + setting_overrides(args))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     log_with = "tensorboard" if _has_tensorboard() else None
     trainer = Trainer(build_cascade(config), settings=trainer_settings(config), cpu=args.cpu, log_with=log_with,
@@ -67,6 +79,17 @@ def accumulation_override(args: argparse.Namespace) -> list[str]:
     resumed run and stages trained in their own processes see it), or none."""
     steps = getattr(args, "gradient_accumulation_steps", None)
     return [] if steps is None else [f"trainer.gradient_accumulation_steps={steps}"]
+
+
+def setting_overrides(args: argparse.Namespace) -> list[str]:
+    """The trainer flags (``--gradient-accumulation-steps``, ``--fsdp``, ``--compile``) as the config assignments
+    they stand for, like :func:`accumulation_override`."""
+    out = accumulation_override(args)
+    if getattr(args, "fsdp", False):
+        out.append("trainer.fsdp=true")
+    if getattr(args, "compile", None) is not None:
+        out.append(f"trainer.compile={args.compile}")
+    return out
 
 
 def _has_tensorboard() -> bool:
