@@ -10,7 +10,9 @@ stage's network wrapper, optimizer, EMA, step count, schedule horizon and peak r
 
 Multi-process rules (``accelerate launch``): call every method on every process. Only the main process
 writes files, no collective operation is ever entered by one process alone, and all processes hold identical
-weights (distributed data parallel averages the gradients; every process applies the same update).
+weights (distributed data parallel averages the gradients; every process applies the same update). Under FSDP
+(:mod:`imagen_lib.training.sharding`; :attr:`Trainer.sharded`) each process holds a shard of every network, EMA
+and optimizer, saves gather them collectively, and every process samples.
 """
 
 from __future__ import annotations
@@ -262,7 +264,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, (chunk, share) in enumerate(chunks):
             with contextlib.ExitStack() as stack:
-                if i < len(chunks) - 1:  # gradients are all-reduced once, on the last chunk of the last batch
+                if i < len(chunks) - 1 and not self.sharded:  # all-reduced once, on the last chunk; FSDP
+                    # reduce-scatters every chunk (skipping it would hold whole gradients until the last one)
                     for module in wrapped:
                         stack.enter_context(acc.no_sync(module))
                 with self._autocast():
