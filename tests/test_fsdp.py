@@ -63,7 +63,9 @@ accelerator = Accelerator(cpu=True)
 if mode != "ddp":
     force_fsdp(accelerator)
 torch.manual_seed(0)
-trainer = Trainer(tiny_cascade(T5TextEncoder(t5, max_length=16)), lr=1e-2, accelerator=accelerator,
+# AdamW's eps raised: its first steps move a weight by about lr * sign(gradient), which turns the rounding of other
+# reduction orders (reduce-scatter per chunk against one all-reduce) into 1e-3 differences at eps=1e-8
+trainer = Trainer(tiny_cascade(T5TextEncoder(t5, max_length=16)), lr=1e-2, eps=1e-3, accelerator=accelerator,
                   ema_update_after_step=0, ema_update_every=1, ema_beta=0.5, max_batch_size=1)  # 2 chunks a batch
 assert trainer.sharded == (mode != "ddp")
 if mode == "resume":
@@ -134,7 +136,8 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes(tmp_path):
     assert "resumed [2, 3]" in out
     resumed = load_file(fsdp / "resumed.safetensors")
     assert resumed.keys() == live.keys() and all(torch.equal(resumed[k], live[k]) for k in live)
-    saved = load_file(next((fsdp / "checkpoint").glob("*/trainer.safetensors")))
+    first = sorted((fsdp / "checkpoint").glob("v*/trainer.safetensors"))[0]  # the version resumed from
+    saved = load_file(first)
     opt = load_file(fsdp / "resumed_opt.safetensors")
     for key, value in opt.items():  # opt{k}/{index}/{name} -> opt{k}.state.{index}.{name} in trainer.safetensors
         stage, index, name = key.split("/")
