@@ -55,7 +55,8 @@ class StageState:
     """What the Trainer holds for one stage of the cascade.
 
     Attributes:
-        wrapper: the stage's network as Accelerate prepared it (distributed data parallel on several processes).
+        wrapper: the stage's network as Accelerate prepared it (distributed data parallel on several processes,
+            sharded in place under FSDP), ``torch.compile``-d with ``TrainerSettings.compile``.
         optimizer: its AdamW (with a trainable text encoder's parameters as a second group), as Accelerate
             prepared it.
         ema: the ema-pytorch EMA of the network; ``ema.ema_model`` is the copy that samples.
@@ -97,7 +98,8 @@ class Trainer:
 
     Each stage's network wrapper, optimizer, EMA, step count, horizon, peak rate, data position and count of
     skipped non-finite steps are in :attr:`stages` (one :class:`StageState` per stage). :attr:`last_checkpoint`
-    is the checkpoint this trainer last wrote or loaded (None: none yet). :attr:`progress_line` places
+    is the checkpoint this trainer last wrote or loaded (None: none yet). :attr:`sharded`: whether the networks
+    are sharded (FSDP 2; :mod:`imagen_lib.training.sharding`). :attr:`progress_line` places
     :meth:`fit`'s progress bar on a line of the terminal (one line per process training a stage at the same
     time) [None: tqdm's choice].
     """
