@@ -28,9 +28,10 @@ from typing import Optional, Sequence
 
 from imagen_lib import Trainer
 from imagen_lib import config as cfg
-from imagen_lib.commands.train import accumulation_override
+from imagen_lib.commands.train import add_scale_out_arguments, setting_overrides
 from imagen_lib.training.launcher import single_process_launch_warning
 from imagen_lib.training.loop import RunOptions, tracker_options, train_stages
+from imagen_lib.training.sharding import fsdp_plugin
 
 
 def stage_choice(value: str):
@@ -68,6 +69,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="N",
                         help="loader batches per optimizer step (default: the config's "
                              "trainer.gradient_accumulation_steps, 1); effective batch: batch_size * N * processes")
+    add_scale_out_arguments(parser)  # --fsdp, --compile [BACKEND]
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 
@@ -96,14 +98,16 @@ def make_trainer(config: dict, out: Path, log_with: Optional[str]) -> Trainer:
     cascade = cfg.build_cascade(config)
     settings = cfg.trainer_settings(config)
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", settings.mixed_precision)
-    accelerator = Accelerator(mixed_precision="no", **trackers)
+    # --fsdp / trainer.fsdp: the library's FSDP 2 plan (an Accelerate FSDP config file brings its own plugin)
+    plugin = fsdp_plugin() if settings.fsdp else None
+    accelerator = Accelerator(mixed_precision="no", fsdp_plugin=plugin, **trackers)
     return Trainer(cascade, settings=dataclasses.replace(settings, mixed_precision=precision), accelerator=accelerator)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    overrides = args.overrides + accumulation_override(args)  # as a config value, so OUT/config.yaml records it
+    overrides = args.overrides + setting_overrides(args)  # as config values, so OUT/config.yaml records them
     config = with_data(cfg.apply_overrides(cfg.load_config(args.config), overrides), args.data)
     trainer = make_trainer(config, out, args.log_with)
     warning = single_process_launch_warning(trainer.accelerator.num_processes)

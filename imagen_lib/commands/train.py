@@ -42,7 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gradient norms, images/s and sample grids are logged (default: the config's "
                              "tracking.log_with, else tensorboard when it is installed); logs in OUT/ unless "
                              "tracking.logging_dir says otherwise")
+    add_scale_out_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--fsdp`` and ``--compile`` (``imagen-lib train`` and ``examples/train.py``): config values, see
+    :func:`setting_overrides`."""
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard weights, gradients, optimizer state and EMA over the GPUs (FSDP 2 through "
+                             "Accelerate; trainer.fsdp); or launch with an Accelerate FSDP config file instead")
+    parser.add_argument("--compile", nargs="?", const="true", default=None, metavar="BACKEND",
+                        help="torch.compile the networks for training (trainer.compile; BACKEND: inductor [default], "
+                             "aot_eager, eager, cudagraphs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from imagen_lib.training.trainer import Trainer
 
     start = time.time()
-    config = apply_overrides(load_config(args.config), args.overrides + accumulation_override(args))
+    config = apply_overrides(load_config(args.config), args.overrides + setting_overrides(args))
     check_stage_choice(args.stages, config)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     default = "tensorboard" if tracking.is_installed("tensorboard") else None  # as before --log-with existed
@@ -115,4 +127,15 @@ def accumulation_override(args: argparse.Namespace) -> list[str]:
     resumed run and stages trained in their own processes see it), or none."""
     steps = getattr(args, "gradient_accumulation_steps", None)
     return [] if steps is None else [f"trainer.gradient_accumulation_steps={steps}"]
+
+
+def setting_overrides(args: argparse.Namespace) -> list[str]:
+    """The trainer flags (``--gradient-accumulation-steps``, ``--fsdp``, ``--compile``) as the config assignments
+    they stand for, like :func:`accumulation_override`."""
+    out = accumulation_override(args)
+    if getattr(args, "fsdp", False):
+        out.append("trainer.fsdp=true")
+    if getattr(args, "compile", None) is not None:
+        out.append(f"trainer.compile={args.compile}")
+    return out
 

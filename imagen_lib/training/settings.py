@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+from imagen_lib.training.compilation import check_compile
 from imagen_lib.validation import check_int, check_number
 
 __all__ = ["TrainerSettings", "lr_factor"]
@@ -42,6 +43,13 @@ class TrainerSettings:
         keep_last: committed checkpoint versions kept (older ones are removed by the next save) [2].
         max_nonfinite_steps: consecutive steps with a non-finite loss or gradient (each skipped) after which
             training stops with :class:`~imagen_lib.training.nonfinite.NonFiniteLossError` [20].
+        fsdp: shard each stage's weights, gradients, optimizer state and EMA over the processes (FSDP 2 through
+            Accelerate; :mod:`imagen_lib.training.sharding`) when the Trainer makes its accelerator and runs on
+            several GPUs [False: data parallel]. An ``accelerate launch --config_file`` with ``distributed_type:
+            FSDP`` shards without it.
+        compile: ``torch.compile`` each stage's network for training: True (the inductor backend), a backend
+            name (``"aot_eager"``, ...; :data:`~imagen_lib.training.compilation.BACKENDS`) or False [False]. See
+            :mod:`imagen_lib.training.compilation`.
     """
 
     lr: Union[float, Sequence[float]] = 1e-4
@@ -64,6 +72,8 @@ class TrainerSettings:
     keep_last: int = 2
     max_nonfinite_steps: int = 20
     gradient_accumulation_steps: int = 1
+    fsdp: bool = False
+    compile: Union[bool, str] = False
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -78,8 +88,10 @@ class TrainerSettings:
         self.max_nonfinite_steps = check_int("max_nonfinite_steps", self.max_nonfinite_steps, low=1)
         self.gradient_accumulation_steps = check_int("gradient_accumulation_steps", self.gradient_accumulation_steps,
                                                      low=1)
-        if not isinstance(self.fused_optimizer, bool):
-            raise TypeError(f"fused_optimizer: expected True or False, got {self.fused_optimizer!r}")
+        self.compile = check_compile(self.compile)
+        for name in ("fused_optimizer", "fsdp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
     def _check_optimizer(self) -> None:
         if isinstance(self.betas, (str, bytes)) or not isinstance(self.betas, Sequence) or len(self.betas) != 2:

@@ -10,7 +10,9 @@ stage's network wrapper, optimizer, EMA, step count, schedule horizon and peak r
 
 Multi-process rules (``accelerate launch``): call every method on every process. Only the main process
 writes files, no collective operation is ever entered by one process alone, and all processes hold identical
-weights (distributed data parallel averages the gradients; every process applies the same update).
+weights (distributed data parallel averages the gradients; every process applies the same update). Under FSDP
+(:mod:`imagen_lib.training.sharding`; :attr:`Trainer.sharded`) each process holds a shard of every network, EMA
+and optimizer, saves gather them collectively, and every process samples.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.cascade import Cascade
 from imagen_lib.cascade_checkpoint import write_cascade_checkpoint
-from imagen_lib.training import accumulation, nonfinite, tracking, trainer_state
+from imagen_lib.training import accumulation, compilation, nonfinite, sharding, tracking, trainer_state
 from imagen_lib.training.data_order import DataOrder, DataPosition, start_position
 from imagen_lib.training.nonfinite import NonFiniteLossError
 from imagen_lib.training.settings import TrainerSettings, lr_factor
@@ -53,7 +55,8 @@ class StageState:
     """What the Trainer holds for one stage of the cascade.
 
     Attributes:
-        wrapper: the stage's network as Accelerate prepared it (distributed data parallel on several processes).
+        wrapper: the stage's network as Accelerate prepared it (distributed data parallel on several processes,
+            sharded in place under FSDP), ``torch.compile``-d with ``TrainerSettings.compile``.
         optimizer: its AdamW (with a trainable text encoder's parameters as a second group), as Accelerate
             prepared it.
         ema: the ema-pytorch EMA of the network; ``ema.ema_model`` is the copy that samples.
@@ -96,7 +99,8 @@ class Trainer:
 
     Each stage's network wrapper, optimizer, EMA, step count, horizon, peak rate, data position and count of
     skipped non-finite steps are in :attr:`stages` (one :class:`StageState` per stage). :attr:`last_checkpoint`
-    is the checkpoint this trainer last wrote or loaded (None: none yet). :attr:`progress_line` places
+    is the checkpoint this trainer last wrote or loaded (None: none yet). :attr:`sharded`: whether the networks
+    are sharded (FSDP 2; :mod:`imagen_lib.training.sharding`). :attr:`progress_line` places
     :meth:`fit`'s progress bar on a line of the terminal (one line per process training a stage at the same
     time) [None: tqdm's choice].
     """
@@ -145,6 +149,7 @@ class Trainer:
             mixed_precision="no", cpu=cpu, log_with=log_with,  # the precision is the Trainer's own (_autocast)
             project_dir=None if project_dir is None else str(project_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+            fsdp_plugin=sharding.fsdp_plugin() if self.settings.fsdp else None,
         )
 
     def _make_scaler(self):
@@ -174,16 +179,19 @@ class Trainer:
         emas = [EMA(stage.net, **ema_kwargs) for stage in self.cascade.stages]
         self.text_ema = EMA(encoder.model, **ema_kwargs) if self.train_text else None  # shared by all stages
         self.text_wrapper = acc.prepare_model(encoder) if self.train_text else None
+        self.sharded = sharding.is_sharded(acc, self.train_text, s.fsdp)  # FSDP 2: imagen_lib.training.sharding
         self.stages: list[StageState] = []
         for k, stage in enumerate(self.cascade.stages):
-            wrapper = acc.prepare_model(stage.net)
             groups = [{"params": [p for p in stage.net.parameters() if p.requires_grad], "lr": lrs[k]}]
             if self.train_text:
                 groups.append({"params": list(encoder.model.parameters()), "lr": s.text_encoder_lr or lrs[k]})
             opt = torch.optim.AdamW(groups, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay,
                                     fused=s.fused_optimizer or None)
-            self.stages.append(StageState(wrapper, acc.prepare_optimizer(opt), emas[k], lrs[k],
-                                          horizon=s.total_steps))
+            wrapper, opt = sharding.prepare_stage(acc, stage.net, opt, self.sharded)
+            if self.sharded:
+                sharding.shard_ema(acc, emas[k])
+            wrapper = compilation.compiled(wrapper, s.compile)
+            self.stages.append(StageState(wrapper, opt, emas[k], lrs[k], horizon=s.total_steps))
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -264,7 +272,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, (chunk, share) in enumerate(chunks):
             with contextlib.ExitStack() as stack:
-                if i < len(chunks) - 1:  # gradients are all-reduced once, on the last chunk of the last batch
+                if i < len(chunks) - 1 and not self.sharded:  # all-reduced once, on the last chunk; FSDP
+                    # reduce-scatters every chunk (skipping it would hold whole gradients until the last one)
                     for module in wrapped:
                         stack.enter_context(acc.no_sync(module))
                 with self._autocast():
@@ -297,6 +306,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
         elif self.scaler is None:
             norm = nonfinite.total_grad_norm(params)
+        norm = sharding.whole(norm)  # under FSDP a norm over every shard
         self.last_grad_norm = norm
         # with fp16 the scaler skips overflowed gradients itself; without it, a non-finite norm skips here
         if self.scaler is None and not nonfinite.is_finite(self.accelerator, loss, norm):
@@ -458,13 +468,16 @@ class Trainer:
         return dataloader
 
     def write_samples(self, path: Union[str, Path], prompts: Sequence[str], **sample_kwargs: Any) -> Optional[str]:
-        """Sample ``prompts`` with the EMA weights and write a captioned grid PNG (main process only)."""
-        if not self.is_main_process:
+        """Sample ``prompts`` with the EMA weights and write a captioned grid PNG (main process only; under FSDP
+        every process samples, as the sharded networks' forward passes are collectives)."""
+        if not (self.is_main_process or self.sharded):
             return None
         from imagen_lib.images import captioned_grid, save_png
 
         sample_kwargs.setdefault("disable_progress", True)
         images = self.sample(list(prompts), **sample_kwargs)
+        if not self.is_main_process:
+            return None
         return save_png(str(path), captioned_grid(images.cpu(), list(prompts)))
 
     # ----------------------------------------------------------------------------------------------------
@@ -480,15 +493,19 @@ class Trainer:
         versions are kept where the checkpoint writer keeps versions. Weights holding NaN or infinite values are
         never written (:class:`NonFiniteLossError`), so the last good checkpoint stays.
         """
-        files = {f"stage{k}": st.net.state_dict() for k, st in enumerate(self.cascade.stages)}
-        files.update({f"stage{k}.ema": st.ema.ema_model.state_dict() for k, st in enumerate(self.stages)})
+        modules = {f"stage{k}": st.net for k, st in enumerate(self.cascade.stages)}
+        modules.update({f"stage{k}.ema": st.ema.ema_model for k, st in enumerate(self.stages)})
         if self.text_ema is not None:
-            files["text_encoder"] = self.cascade.text_encoder.model.state_dict()
-            files["text_encoder.ema"] = self.text_ema.ema_model.state_dict()
-        # on every process (their weights are equal), so all of them raise together
-        nonfinite.check_finite_weights(files, str(path), self.last_checkpoint)
+            modules["text_encoder"] = self.cascade.text_encoder.model
+            modules["text_encoder.ema"] = self.text_ema.ema_model
+        # under FSDP gathered collectively (whole tensors on the main process); else each module's state_dict()
+        files = {name: sharding.full_state_dict(module, self.sharded) for name, module in modules.items()}
+        optimizers = [sharding.optimizer_state(net.net, st.optimizer, self.sharded)
+                      for net, st in zip(self.cascade.stages, self.stages)]
+        # on every process, so all of them raise together
+        sharding.check_finite_weights(self.accelerator, files, str(path), self.last_checkpoint, self.sharded)
         if self.is_main_process:
-            tensors, state = trainer_state.trainer_state(self)
+            tensors, state = trainer_state.trainer_state(self, optimizers)
             files["trainer"] = tensors
             write_cascade_checkpoint(self.cascade, path, tensors=files, json_files={"trainer": state},
                                      overwrite=overwrite, run_id=self.run_id, **self._version_options())

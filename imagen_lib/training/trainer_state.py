@@ -21,18 +21,21 @@ from torch import Tensor
 
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.checkpoint import PathLike
+from imagen_lib.training import sharding
 from imagen_lib.training.data_order import DataPosition
 
 
-def trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict]:
+def trainer_state(trainer: Any, optimizers: Optional[list] = None) -> tuple[dict[str, Tensor], dict]:
     """(``trainer.safetensors``'s tensors, ``trainer.json``'s values) of ``trainer`` (a
-    :class:`~imagen_lib.training.trainer.Trainer`, not imported here: it imports this module)."""
+    :class:`~imagen_lib.training.trainer.Trainer`, not imported here: it imports this module); ``optimizers``:
+    each stage's optimizer state (default: ``optimizer.state_dict()``; under FSDP the gathered one)."""
+    if optimizers is None:
+        optimizers = [st.optimizer.state_dict() for st in trainer.stages]
     tensors: dict[str, Tensor] = {}
     state = {
         "run_id": trainer.run_id, "steps": trainer.steps, "horizons": trainer.horizons,
         "settings": trainer.settings.config,
-        "optimizers": [ckpt.split_state(st.optimizer.state_dict(), f"opt{k}", tensors)
-                       for k, st in enumerate(trainer.stages)],
+        "optimizers": [ckpt.split_state(state, f"opt{k}", tensors) for k, state in enumerate(optimizers)],
         "rng": ckpt.rng_state(tensors),
         "scaler": None if trainer.scaler is None else trainer.scaler.state_dict(),
         "data": [st.data.as_dict() for st in trainer.stages],
@@ -120,10 +123,14 @@ def check_stage_configs(saved: dict, mine: dict, path: PathLike) -> None:
 def load_stage(trainer: Any, path: PathLike, k: int, state: dict, tensors: dict) -> None:
     """Stage ``k``'s weights, EMA, optimizer state, step count, horizon, data position and non-finite counts
     from a checkpoint (``state``: checked by :func:`check_trainer_json`)."""
-    st = trainer.stages[k]
-    for module, name in ((trainer.cascade.stages[k].net, f"stage{k}"), (st.ema.ema_model, f"stage{k}.ema")):
-        ckpt.load_weights(module, ckpt.read_tensors(path, name, trainer.device), f"{name}.safetensors in {path}")
-    st.optimizer.load_state_dict(ckpt.join_state(state["optimizers"][k], tensors))
+    st, net, sharded = trainer.stages[k], trainer.cascade.stages[k].net, getattr(trainer, "sharded", False)
+    for module, name in ((net, f"stage{k}"), (st.ema.ema_model, f"stage{k}.ema")):
+        weights, where = ckpt.read_tensors(path, name, trainer.device), f"{name}.safetensors in {path}"
+        if sharded:  # every process passes the whole tensors and keeps its shard
+            sharding.load_full_state_dict(module, weights, where)
+        else:
+            ckpt.load_weights(module, weights, where)
+    sharding.load_optimizer_state(net, st.optimizer, ckpt.join_state(state["optimizers"][k], tensors), sharded)
     st.ema.step.copy_(tensors[f"ema{k}.step"])
     st.ema.initted.copy_(tensors[f"ema{k}.initted"])
     st.step, st.horizon = state["steps"][k], state["horizons"][k]
