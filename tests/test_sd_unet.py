@@ -18,6 +18,7 @@ from imagen_lib.nn.convert_sd import (
     read_sd_state_dict,
     sd_unet_key_map,
     sd_unet_state_dict,
+    unet_from_nemo_sd,
 )
 from imagen_lib.nn.layers import TimestepEmbedding
 from imagen_lib.nn.spatial_transformer import SpatialTransformer
@@ -301,3 +302,39 @@ def test_channels_last_and_bf16():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     out = ours_out(net.to(torch.bfloat16), x, t, text)  # float32 inputs into a bf16 net, answered in float32
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+# --- seed 003's unet_config ------------------------------------------------------------------------------------
+
+SEED_003_UNET = {  # the NeMo guide's unet_config, as written there
+    "_target_": "nemo.collections.multimodal.modules.stable_diffusion.diffusionmodules.openaimodel.UNetModel",
+    "from_pretrained": None, "from_NeMo": True, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "model_channels": 320, "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
+    "num_head_channels": 64, "use_spatial_transformer": True, "use_linear_in_transformer": True,
+    "transformer_depth": 1, "context_dim": 1024, "use_checkpoint": False, "legacy": False, "use_flash_attention": True,
+}
+
+
+def test_seed_003_unet_config_builds_the_sd_v2_preset():
+    with torch.device("meta"):
+        net = unet_from_nemo_sd(SEED_003_UNET)
+        assert net.config == presets.get("sd-v2").replace(image_size=32)
+        sd1 = {k: v for k, v in SEED_003_UNET.items() if k not in ("num_head_channels", "use_linear_in_transformer")}
+        net = unet_from_nemo_sd({**sd1, "num_heads": 8, "context_dim": 768, "use_checkpoint": True})
+        assert net.config == presets.get("sd-v1").replace(image_size=32, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="unet_config.use_fp16"):
+        unet_from_nemo_sd({**SEED_003_UNET, "use_fp16": True})
+    with pytest.raises(ValueError, match="use_spatial_transformer"):
+        unet_from_nemo_sd({**SEED_003_UNET, "use_spatial_transformer": False})
+
+
+def test_seed_003_unet_config_loads_from_pretrained(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_diffusers(True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "unet.safetensors"))
+    tiny = {**SEED_003_UNET, "model_channels": 32, "channel_mult": [1, 2, 2], "attention_resolutions": [1, 2],
+            "num_head_channels": 16, "context_dim": CONTEXT, "from_pretrained": str(tmp_path / "unet.safetensors")}
+    net = unet_from_nemo_sd(tiny)
+    x, t, text = sd_inputs()
+    torch.testing.assert_close(ours_out(net, x, t, text), diffusers_out(model, x, t, text), rtol=0, atol=1e-5)

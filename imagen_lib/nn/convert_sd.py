@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
+from imagen_lib.nn import presets
 from imagen_lib.nn.unet import Unet
 
 Layout = Literal["diffusers", "ldm"]
@@ -286,3 +287,61 @@ def read_sd_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
         return load_file(str(path))
     loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     return dict(_check_state_dict(loaded))
+
+
+# seed 003's unet_config key -> our config field, where only the name differs
+_NEMO_SD_RENAMES = {"in_channels": "channels", "out_channels": "out_channels", "model_channels": "embed_dim",
+                    "num_res_blocks": "num_res_blocks", "channel_mult": "channel_mult", "context_dim": "text_embed_dim",
+                    "use_linear_in_transformer": "use_linear_in_transformer", "transformer_depth": "transformer_depth",
+                    "use_checkpoint": "gradient_checkpointing", "image_size": "image_size", "dropout": "dropout",
+                    "use_scale_shift_norm": "scale_shift_norm", "resblock_updown": "resblock_updown"}
+# keys with no effect here: the class path, NeMo's head-count convention (the same heads for SD's configs),
+# flash attention (SDPA chooses its kernels), where weights come from (from_pretrained is read below)
+_NEMO_SD_IGNORED = {"_target_", "legacy", "use_flash_attention", "from_NeMo", "from_pretrained"}
+
+
+def _nemo_sd_fields(unet_config: Mapping[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, value in unet_config.items():
+        if key == "model_channels":
+            fields["cond_dim"] = 4 * value  # the original code's time_embed_dim
+        if key in _NEMO_SD_RENAMES:
+            fields[_NEMO_SD_RENAMES[key]] = value
+        elif key == "attention_resolutions":  # downsampling factors: 1 is the first level
+            levels = len(unet_config.get("channel_mult", presets.get("sd-v2").channel_mult))
+            fields["attention_levels"] = tuple(2**level in set(value) for level in range(levels))
+        elif key == "num_head_channels":
+            fields["per_head_channels"] = None if value in (-1, None) else value
+        elif key == "num_heads":
+            if value not in (-1, None):
+                fields["num_attn_heads"] = value
+        elif key == "use_spatial_transformer":
+            if not value:
+                raise ValueError("unet_config.use_spatial_transformer: only spatial-transformer U-Nets (true) are "
+                                 "Stable Diffusion's")
+        elif key not in _NEMO_SD_IGNORED:
+            raise ValueError(f"unet_config.{key}: not a key of seed 003's unet_config this library knows")
+    if "num_heads" in unet_config and "num_head_channels" not in unet_config:
+        fields["per_head_channels"] = None  # SD 1.x: a head count, not a head width
+    return fields
+
+
+def unet_from_nemo_sd(unet_config: Mapping[str, Any], **overrides: Any) -> Unet:
+    """The :class:`Unet` of a NeMo Stable Diffusion ``model.unet_config`` block (seed 003; a dict from its yaml).
+
+    Keys map onto the ``sd-v2`` preset's fields (a key left out keeps the preset's value, except
+    ``use_linear_in_transformer``: NeMo's default, false) (``model_channels`` -> ``embed_dim``, ``context_dim`` ->
+    ``text_embed_dim``, ``attention_resolutions`` (downsampling factors) -> ``attention_levels``,
+    ``num_head_channels`` -> ``per_head_channels``, ``num_heads`` -> ``num_attn_heads``, ``use_checkpoint`` ->
+    ``gradient_checkpointing``; ``use_flash_attention`` and ``legacy`` have no effect: SDPA picks flash kernels
+    itself). ``from_pretrained`` (a NeMo/LDM ``.ckpt`` or a diffusers file or folder; ``from_NeMo`` is not needed,
+    the layout is detected) is loaded with :func:`load_sd_unet_weights`. ``overrides``: config fields applied last.
+    An unknown key raises a ValueError naming it.
+    """
+    if not isinstance(unet_config, Mapping):
+        raise TypeError(f"unet_config: expected a mapping (NeMo's model.unet_config), got {type(unet_config).__name__}")
+    base = presets.get("sd-v2").replace(use_linear_in_transformer=False)  # NeMo's default when the key is left out
+    net = Unet(base.replace(**{**_nemo_sd_fields(unet_config), **overrides}))
+    if unet_config.get("from_pretrained"):
+        load_sd_unet_weights(net, read_sd_state_dict(unet_config["from_pretrained"]))
+    return net
