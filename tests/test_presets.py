@@ -20,13 +20,17 @@ REFERENCE = {
 
 TINY = {"tiny-32": (Unet,), "tiny-e32": (EfficientUnet,), "tiny-e16": (EfficientUnet,), "tiny-sr64": (EfficientUnet,)}
 
+# Stable Diffusion's U-Nets (seed 003): preset -> (class, published parameter count); tests/test_sd_unet.py
+# checks their weights against diffusers'.
+SD = {"sd-v2": (Unet, 865_910_724), "sd-v1": (Unet, 859_520_964)}
+
 
 def count(net) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
 def test_names_list_reference_and_tiny_presets():
-    assert set(REFERENCE) | set(TINY) <= set(presets.names())
+    assert set(REFERENCE) | set(TINY) | set(SD) == set(presets.names())
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -99,7 +103,7 @@ def test_presets_are_frozen_configs_of_their_network(name):
     config = presets.get(name)
     assert presets.PRESETS[name] is config and isinstance(config, (UnetConfig, EfficientUnetConfig))
     assert presets.config(name) == config.to_dict() and json.loads(json.dumps(presets.config(name))) == config.to_dict()
-    assert network_kind(config) == {**REFERENCE, **TINY}[name][0].__name__
+    assert network_kind(config) == {**REFERENCE, **TINY, **SD}[name][0].__name__
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.embed_dim = 1
 
@@ -112,3 +116,20 @@ def test_build_overrides_are_config_fields():
         presets.build("tiny-e16", device="meta", attention_resolutions=(8,))  # a Unet-only field
     with pytest.raises(ValueError, match="name"):
         presets.get("tiny-64")
+
+
+@pytest.mark.parametrize("name", sorted(SD))
+def test_sd_presets_within_2_percent_of_the_published_size_on_meta(name):
+    cls, published = SD[name]
+    net = presets.build(name, device="meta")
+    assert type(net) is cls and next(net.parameters()).device.type == "meta"
+    assert abs(count(net) - published) <= 0.02 * published, count(net)
+    assert presets.PUBLISHED_SIZES[name] == published
+    assert (net.channels, net.out_channels, net.config.embed_dim) == (4, 4, 320) and not net.lowres_cond
+    assert net.config.text_embed_dim == {"sd-v2": 1024, "sd-v1": 768}[name]
+
+
+def test_sd_preset_overrides_keep_the_design():
+    net = presets.build("sd-v2", device="meta", image_size=96, gradient_checkpointing=True)  # SD 2's 768 px
+    assert net.config.attention_per_level() == (True, True, True, False) and net.gradient_checkpointing
+    assert count(net) == SD["sd-v2"][1]

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imagen_lib.nn.attention import TextContext, make_text_context
-from imagen_lib.nn.layers import NoiseEmbedding, mlp
+from imagen_lib.nn.layers import NoiseEmbedding, TimestepEmbedding, mlp
 
 PoolingType = Literal["attention", "mean"]
 POOLING_TYPES = ("attention", "mean")
+TextConditioningType = Literal["projected", "raw"]
+TEXT_CONDITIONING_TYPES = ("projected", "raw")
 
 
 def _check_batch_scalar(name: str, value, batch: int, device) -> Tensor:
@@ -82,6 +84,34 @@ class TextConditioner(nn.Module):
         return pooled, make_text_context(tokens, mask, always_nonempty=self.null_token is not None)
 
 
+class TextTokens(nn.Module):
+    """Stable Diffusion's text path: the encoder's tokens go to cross-attention as they are, nothing is pooled.
+
+    Args:
+        text_embed_dim: width of the encoder's embeddings (the attention layers' ``context_dim``).
+        use_null_token: append a learned token of that width that every row may attend to.
+    ``forward(text_embeds, text_mask)`` returns ``(None, context)``: no pooled vector. ``text_mask=None``
+    means every token is real, and the attention layers then get no mask at all (flash kernels stay usable).
+    """
+
+    def __init__(self, text_embed_dim: int, use_null_token: bool):
+        super().__init__()
+        self.text_embed_dim = text_embed_dim
+        self.null_token = nn.Parameter(0.02 * torch.randn(1, 1, text_embed_dim)) if use_null_token else None
+
+    def forward(self, text_embeds: Tensor, text_mask: Optional[Tensor]) -> tuple[None, TextContext]:
+        b, n = text_embeds.shape[:2]
+        all_real = text_mask is None
+        mask = text_embeds.new_ones(b, n, dtype=torch.bool) if all_real else text_mask
+        tokens = text_embeds if all_real else text_embeds.masked_fill(~mask[..., None], 0.0)  # nothing leaks
+        if self.null_token is not None:
+            tokens = torch.cat([tokens, self.null_token.to(tokens.dtype).expand(b, -1, -1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)  # (B, N + 1)
+        if all_real:
+            return None, TextContext(tokens, mask, None, None)
+        return None, make_text_context(tokens, mask, always_nonempty=self.null_token is not None)
+
+
 class Conditioning(nn.Module):
     """Input checks and the conditioning vector of both U-Nets (see the network protocol in docs/architecture.md).
 
@@ -94,23 +124,38 @@ class Conditioning(nn.Module):
         text_embed_dim: None for a net without text.
         use_null_token, feature_pooling_type: see :class:`TextConditioner`.
         lowres_cond: super-resolution mode (low-res image concatenated, its augmentation level embedded).
+        timestep_embedding_dim: None (default): the noise levels' features are :class:`NoiseEmbedding`'s;
+            an int: Stable Diffusion's :class:`TimestepEmbedding` with this many features.
+        text_conditioning: ``"projected"`` (default; :class:`TextConditioner`) or ``"raw"``
+            (:class:`TextTokens`: the embeddings feed cross-attention unchanged, no pooled text, as in SD).
     """
 
     def __init__(self, channels: int, cond_dim: int, noise_frequencies: int, learned_sinu_pos_emb_dim: int,
                  text_embed_dim: Optional[int], use_null_token: bool, feature_pooling_type: PoolingType,
-                 lowres_cond: bool):
+                 lowres_cond: bool, timestep_embedding_dim: Optional[int] = None,
+                 text_conditioning: TextConditioningType = "projected"):
         super().__init__()
+        if text_conditioning not in TEXT_CONDITIONING_TYPES:
+            raise ValueError(f"text_conditioning: expected one of {TEXT_CONDITIONING_TYPES}, got {text_conditioning!r}")
         self.channels, self.lowres_cond, self.text_embed_dim = channels, lowres_cond, text_embed_dim
 
         def noise_embedder() -> nn.Sequential:
             learned = learned_sinu_pos_emb_dim > 0
-            emb = NoiseEmbedding(max(learned_sinu_pos_emb_dim // 2, 1) if learned else noise_frequencies, learned)
+            if timestep_embedding_dim:
+                emb = TimestepEmbedding(timestep_embedding_dim)
+            else:
+                emb = NoiseEmbedding(max(learned_sinu_pos_emb_dim // 2, 1) if learned else noise_frequencies, learned)
             return nn.Sequential(emb, mlp(emb.out_dim, cond_dim))
 
         self.noise = noise_embedder()
         self.lowres_noise = noise_embedder() if lowres_cond else None
-        self.text = (TextConditioner(text_embed_dim, cond_dim, use_null_token, feature_pooling_type)
-                     if text_embed_dim is not None else None)
+        self.text: Optional[nn.Module] = None
+        if text_embed_dim is not None and text_conditioning == "raw":
+            self.text = TextTokens(text_embed_dim, use_null_token)
+        elif text_embed_dim is not None:
+            self.text = TextConditioner(text_embed_dim, cond_dim, use_null_token, feature_pooling_type)
+        # the width of the tokens the attention layers read
+        self.context_dim = None if self.text is None else (text_embed_dim if text_conditioning == "raw" else cond_dim)
 
     @property
     def in_channels(self) -> int:
@@ -127,11 +172,13 @@ class Conditioning(nn.Module):
             if text_embeds is not None or text_mask is not None:
                 raise ValueError("text_embeds: this network has no text conditioning (text_embed_dim=None)")
             return None, None
+        mask_given = text_mask is not None
         if text_embeds is None:  # no caption at all: the unconditional pass, a single all-padding token
             if text_mask is not None:
                 raise ValueError("text_mask: given without text_embeds")
             text_embeds = torch.zeros(b, 1, self.text_embed_dim, device=device)
             text_mask = torch.zeros(b, 1, dtype=torch.bool, device=device)
+            mask_given = True
         if not torch.is_tensor(text_embeds) or not text_embeds.is_floating_point():
             got = getattr(text_embeds, "dtype", type(text_embeds))
             raise ValueError(f"text_embeds: expected a float tensor, got {got}")
@@ -143,6 +190,9 @@ class Conditioning(nn.Module):
         if text_mask.dtype != torch.bool or tuple(text_mask.shape) != tuple(text_embeds.shape[:2]):
             raise ValueError(f"text_mask: expected a bool tensor of shape {tuple(text_embeds.shape[:2])}, "
                              f"got {text_mask.dtype} {tuple(text_mask.shape)}")
+        if isinstance(self.text, TextTokens):  # the tokens reach attention directly: in the weights' dtype
+            text_embeds = text_embeds.to(self.noise[1][0].weight.dtype)
+            return self.text(text_embeds, text_mask if mask_given else None)
         return self.text(text_embeds, text_mask)
 
     def _lowres(self, x: Tensor, lowres_img, lowres_noise_cond) -> tuple[Tensor, Optional[Tensor]]:

@@ -14,11 +14,15 @@ import dataclasses
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union
 
 from imagen_lib.nn.attention import ATTENTION_TYPES, AttentionType
-from imagen_lib.nn.conditioning import POOLING_TYPES, PoolingType
+from imagen_lib.nn.conditioning import POOLING_TYPES, TEXT_CONDITIONING_TYPES, PoolingType, TextConditioningType
 from imagen_lib.nn.layers import per_level
+from imagen_lib.nn.spatial_transformer import SPATIAL_TRANSFORMER
+
+# every attention block a config can ask for: the four of attention.py and SD's spatial transformer
+NETWORK_ATTENTION_TYPES = (*ATTENTION_TYPES, SPATIAL_TRANSFORMER)
 
 ConfigT = TypeVar("ConfigT", bound="NetworkConfig")
 Check = Callable[[str, Any], Any]
@@ -60,8 +64,14 @@ def _odd_positive(name: str, value: Any) -> int:
 
 
 def _attention_type(name: str, value: Any) -> Optional[str]:
-    if value is not None and value not in ATTENTION_TYPES:
-        raise ValueError(f"{name}: expected one of {ATTENTION_TYPES} or None, got {value!r}")
+    if value is not None and value not in NETWORK_ATTENTION_TYPES:
+        raise ValueError(f"{name}: expected one of {NETWORK_ATTENTION_TYPES} or None, got {value!r}")
+    return value
+
+
+def _text_conditioning(name: str, value: Any) -> str:
+    if value not in TEXT_CONDITIONING_TYPES:
+        raise ValueError(f"{name}: expected one of {TEXT_CONDITIONING_TYPES}, got {value!r}")
     return value
 
 
@@ -113,7 +123,8 @@ class NetworkConfig:
         channels: image channels (3); out_channels: output channels (None or 0 = ``channels``).
         channel_mult: channels per level as multiples of ``embed_dim`` ((1, 2, 3, 4)); one level per entry.
         num_res_blocks: res blocks per level, an int for every level or one per level (3); stored per level.
-        attention_type: ``"self"``, ``"cross"``, ``"stacked"``, ``"fused"`` or None for none ("fused").
+        attention_type: ``"self"``, ``"cross"``, ``"stacked"``, ``"fused"``, ``"spatial_transformer"`` (Stable
+            Diffusion's block, :mod:`~imagen_lib.nn.spatial_transformer`) or None for none ("fused").
         attention_levels: per-level bools (a bool for every level) saying where attention goes (None).
         num_attn_heads (4) / per_head_channels (64): heads are ``channels // per_head_channels`` when that
             is set (not None/0), else ``num_attn_heads``.
@@ -132,6 +143,16 @@ class NetworkConfig:
             fractions of the image side; False, as Imagen). It lets a small net tie "top left" in a caption to
             a place: the shapes quickstart's base read positions at chance without it
             (docs/experiments/2026-11-29-s2-position-features.md).
+    Stable Diffusion's options (docs/latent.md; each default keeps the Imagen networks as they were):
+        timestep_embedding: noise levels embedded as SD's sinusoidal timestep features of width ``embed_dim``
+            (cosines first, max period 10000; :class:`~imagen_lib.nn.layers.TimestepEmbedding`) instead of
+            the geometric ladder (False).
+        text_conditioning: ``"projected"``: text tokens projected to ``cond_dim`` and pooled into the
+            conditioning vector (Imagen); ``"raw"``: the encoder's tokens feed cross-attention as they are
+            (``text_embed_dim`` is SD's ``context_dim``) and nothing is pooled (SD) ("projected").
+        use_linear_in_transformer: linear in/out projections of a spatial transformer (SD 2) rather than
+            1x1 convs (SD 1.x) (False, NeMo's default).
+        transformer_depth: transformer layers in each spatial transformer (1).
     """
 
     embed_dim: int = 128
@@ -140,7 +161,7 @@ class NetworkConfig:
     out_channels: Optional[int] = None
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)
     num_res_blocks: Union[int, tuple[int, ...]] = 3
-    attention_type: Optional[AttentionType] = "fused"
+    attention_type: Optional[Union[AttentionType, Literal["spatial_transformer"]]] = "fused"
     attention_levels: Optional[tuple[bool, ...]] = None
     num_attn_heads: int = 4
     per_head_channels: Optional[int] = 64
@@ -158,6 +179,10 @@ class NetworkConfig:
     lowres_cond: bool = False
     stable_attention: bool = False
     attention_pos_emb: bool = False
+    timestep_embedding: bool = False
+    text_conditioning: TextConditioningType = "projected"
+    use_linear_in_transformer: bool = False
+    transformer_depth: int = 1
 
     # field -> its check; the per-level fields are checked after the others, once channel_mult is known
     _CHECKS: ClassVar[dict[str, Check]] = {
@@ -168,6 +193,8 @@ class NetworkConfig:
         "dropout": _probability, "use_null_token": _flag, "init_conv_kernel_size": _odd_positive,
         "gradient_checkpointing": _flag, "scale_shift_norm": _flag, "resample_with_conv": _flag,
         "lowres_cond": _flag, "stable_attention": _flag, "attention_pos_emb": _flag,
+        "timestep_embedding": _flag, "text_conditioning": _text_conditioning, "use_linear_in_transformer": _flag,
+        "transformer_depth": _positive,
     }
     _PER_LEVEL: ClassVar[tuple[str, ...]] = ("num_res_blocks", "attention_levels")
     _MIN_BLOCKS: ClassVar[int] = 0
@@ -177,6 +204,14 @@ class NetworkConfig:
             if field.name not in self._PER_LEVEL:
                 self._set(field.name, self._CHECKS[field.name](field.name, getattr(self, field.name)))
         self._check_levels()
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Options that exclude each other."""
+        if self.timestep_embedding and self.learned_sinu_pos_emb_dim:
+            raise ValueError("learned_sinu_pos_emb_dim: must be 0 with timestep_embedding=True (one noise embedding)")
+        if self.attention_pos_emb and self.attention_type == SPATIAL_TRANSFORMER:
+            raise ValueError("attention_pos_emb: not available with attention_type 'spatial_transformer'")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen: normalisation happens once, here

@@ -62,6 +62,35 @@ class NoiseEmbedding(nn.Module):
         return torch.cat([c, angles.sin(), angles.cos()], dim=1)  # (B, 1 + 2F)
 
 
+class TimestepEmbedding(nn.Module):
+    """Stable Diffusion's features of a timestep ``t``: ``[cos(t w_k), sin(t w_k)]`` with ``w_k = 10000 ** (-k / h)``,
+    ``k = 0 .. h - 1``, ``h = dim // 2`` (cosines first, diffusers' ``flip_sin_to_cos=True``, no frequency shift;
+    a zero feature pads an odd ``dim``).
+
+    The ladder is tuned to integer timesteps in [0, 1000): the slowest frequency turns by about 0.1 rad
+    over that range and the fastest by 1 rad per step. Use it for SD's discrete schedule (and to load SD weights);
+    :class:`NoiseEmbedding` suits the continuous processes' values.
+
+    Args:
+        dim: number of features (SD: 320, the base channel count).
+        max_period: the slowest period (10000).
+    """
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"dim: expected an int >= 2, got {dim}")
+        self.out_dim, self.max_period = dim, max_period
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.out_dim // 2
+        # the same float32 operations, in the same order, as diffusers and the original LDM code
+        exponent = -math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        angles = t.float()[:, None] * torch.exp(exponent / half)[None]  # (B, half)
+        features = torch.cat([angles.cos(), angles.sin()], dim=1)  # (B, 2 half)
+        return F.pad(features, (0, self.out_dim - 2 * half))  # (B, dim)
+
+
 def mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     """Linear -> SiLU -> Linear, the ADM embedding MLP."""
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))

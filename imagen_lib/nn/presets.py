@@ -20,6 +20,21 @@ sr1024-400m: the paper's 256->1024 Efficient U-Net has 2/4/8/8 blocks in each of
 128/256/512/1024 channels with text cross-attention only at the lowest resolution; here the deepest level is
 the bottleneck whose blocks run once, so its 8 + 8 blocks are written as 16.
 
+Stable Diffusion's U-Nets (seed 003's ``unet_config``; docs/latent.md) are presets of the same ``Unet``:
+
+| preset | net | published size |
+|---|---|---|
+| sd-v2 | Unet, 4 latent channels, 320 ch, mult 1-2-4-4, 2 blocks, spatial transformers | 865,910,724 |
+| sd-v1 | as sd-v2 with 1x1-conv projections, 8 heads, text width 768 (SD 1.x) | 859,520,964 |
+
+sd-v2's spatial transformers (linear projections, 64-channel heads, text width 1024) sit at the three finest
+levels and in the middle block.
+
+Both take SD's timestep (0 .. 999) as ``noise_cond`` and the CLIP tokens as ``text_embeds`` unprojected
+(``text_conditioning="raw"``); their parameter names convert one-to-one from the published checkpoints
+(:func:`imagen_lib.nn.convert_sd.load_sd_unet_weights`). ``image_size`` 64 is SD's 512 px / 8 latent (set 96
+for SD 2's 768 px model); attention is placed by level, so any latent size divisible by 8 works.
+
 The tiny presets are sized for CPU training of the built-in shapes data set: ``text_embed_dim=64`` matches
 ``T5TextEncoder.build_tiny``; attention only at 16 and 8 px (never at 32 or 64 px, where it costs the most
 and a shapes image needs it least).
@@ -40,6 +55,13 @@ _BASE64 = UnetConfig(image_size=64, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                      attention_resolutions=(32, 16, 8), num_attn_heads=4, per_head_channels=64,
                      text_embed_dim=1024, feature_pooling_type="attention")
 
+# Stable Diffusion's U-Net (seed 003's unet_config: model_channels 320, attention_resolutions 4, 2, 1,
+# num_head_channels 64, use_linear_in_transformer, context_dim 1024). The middle block has attention too.
+_SD_V2 = UnetConfig(
+    embed_dim=320, image_size=64, channels=4, out_channels=4, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+    attention_type="spatial_transformer", attention_levels=(True, True, True, False), middle_attention=True,
+    per_head_channels=64, cond_dim=1280, text_embed_dim=1024, text_conditioning="raw", use_null_token=False,
+    timestep_embedding=True, scale_shift_norm=False, use_linear_in_transformer=True, transformer_depth=1)
 PRESETS: dict[str, Union[UnetConfig, EfficientUnetConfig]] = {
     "base64-500m": _BASE64.replace(embed_dim=256, cond_dim=512),
     "base64-2b": _BASE64.replace(embed_dim=512, cond_dim=2048),
@@ -80,12 +102,18 @@ PRESETS: dict[str, Union[UnetConfig, EfficientUnetConfig]] = {
         embed_dim=16, image_size=64, channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 2, 2, 3), attention_type="cross",
         attention_levels=(False, False, True, True), num_attn_heads=4, per_head_channels=32, cond_dim=128,
         text_embed_dim=64, lowres_cond=True),
+    "sd-v2": _SD_V2,
+    # SD 1.x: 8 heads at every level (legacy num_heads), CLIP ViT-L/14's 768-wide tokens, 1x1-conv projections.
+    "sd-v1": _SD_V2.replace(num_attn_heads=8, per_head_channels=None, text_embed_dim=768,
+                            use_linear_in_transformer=False),
 }
 
 # NeMo's stated parameter counts (millions) of the reference presets.
 STATED_SIZES_M: dict[str, float] = {
     "base64-500m": 524, "base64-2b": 2100, "sr256-400m": 429, "sr256-600m": 646, "sr1024-400m": 427,
 }
+# The published parameter counts of Stable Diffusion's U-Nets (diffusers' UNet2DConditionModel).
+PUBLISHED_SIZES: dict[str, int] = {"sd-v2": 865_910_724, "sd-v1": 859_520_964}
 
 
 def names() -> list[str]:

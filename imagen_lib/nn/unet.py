@@ -25,6 +25,7 @@ from imagen_lib.nn.layers import (
     run_checkpointed,
     zero_,
 )
+from imagen_lib.nn.spatial_transformer import SPATIAL_TRANSFORMER, SpatialTransformer
 
 
 class UnetBase(nn.Module):
@@ -66,7 +67,9 @@ class UnetBase(nn.Module):
         self.cond = Conditioning(config.channels, self.cond_dim, noise_frequencies=max(config.embed_dim // 2, 16),
                                  learned_sinu_pos_emb_dim=config.learned_sinu_pos_emb_dim,
                                  text_embed_dim=self.text_embed_dim, use_null_token=config.use_null_token,
-                                 feature_pooling_type=config.feature_pooling_type, lowres_cond=self.lowres_cond)
+                                 feature_pooling_type=config.feature_pooling_type, lowres_cond=self.lowres_cond,
+                                 timestep_embedding_dim=config.embed_dim if config.timestep_embedding else None,
+                                 text_conditioning=config.text_conditioning)
         ch0, kernel = config.level_channels[0], config.init_conv_kernel_size
         self.init_conv = nn.Conv2d(self.cond.in_channels, ch0, kernel, padding=kernel // 2)
         # Zero-init the output conv: the untrained net predicts exactly 0 everywhere, the minimum-variance
@@ -77,12 +80,16 @@ class UnetBase(nn.Module):
         """Keyword arguments every :class:`ResBlock` of the body takes."""
         return dict(cond_dim=self.cond_dim, dropout=self.config.dropout, scale_shift_norm=self.config.scale_shift_norm)
 
-    def _attention(self, channels: int) -> Optional[AttentionBlock]:
+    def _attention(self, channels: int) -> Optional[nn.Module]:
         if self.attention_type is None:
             return None
-        heads = heads_for(channels, self.config.num_attn_heads, self.config.per_head_channels)
-        return AttentionBlock(self.attention_type, channels, heads, self.text_embed_dim and self.cond_dim,
-                              self.config.stable_attention, self.config.attention_pos_emb)
+        config = self.config
+        heads = heads_for(channels, config.num_attn_heads, config.per_head_channels)
+        if self.attention_type == SPATIAL_TRANSFORMER:
+            return SpatialTransformer(channels, heads, self.cond.context_dim, config.transformer_depth,
+                                      config.use_linear_in_transformer, config.stable_attention)
+        return AttentionBlock(self.attention_type, channels, heads, self.cond.context_dim, config.stable_attention,
+                              config.attention_pos_emb)
 
     def _run(self, step: nn.Module, h: Tensor, cond_act: Tensor, ctx) -> Tensor:
         return run_checkpointed(step, self.gradient_checkpointing and self.training, h, cond_act, ctx)
