@@ -133,3 +133,18 @@ def test_examples_train_checks_its_trackers_with_the_same_function(tmp_path, mon
     _hide(monkeypatch, "tensorboard", "tensorboardX")
     with pytest.raises(ValueError, match=r'^log_with: .*pip install "imagen_lib\[tensorboard\]"'):
         script.make_trainer(tiny_config(), tmp_path / "run", "tensorboard")
+
+
+def test_stages_trained_in_their_own_processes_log_to_their_own_folders(tmp_path):
+    """``parallel_stages`` (the main job's mode): a stage trained in a background process logs its scalars too,
+    to ``OUT/stage{k}/imagen_lib/`` (one TensorBoard folder per process)."""
+    config = tiny_config(steps=3)
+    config["parallel_stages"] = {"threads_per_stage": 1}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(out), "--cpu", "--no-progress", "--log-with", "tensorboard",
+                 "--log-every", "1"]) == 0
+    background = _events(out / "stage1" / tracking.PROJECT)
+    assert [e.step for e in background.Scalars("stage1/loss")] == [1, 2, 3]
+    assert [e.step for e in _events(out / tracking.PROJECT).Scalars("stage0/loss")] == [1, 2, 3]

@@ -330,17 +330,30 @@ def _start_background(trainer: Trainer, config: dict, todo: list, out: Path, res
     settings = cfg.parallel_settings(config)
     if settings is None or len(todo) < 2 or not parallel.parallel_applies(trainer):
         return None
-    jobs = {k: dict(config=config, steps=steps, out=str(out), options=options,
+    jobs = {k: dict(config=config, steps=steps, out=str(out), options=options, trackers=_stage_trackers(trainer, k),
                     resume_from=None if resume_from is None else str(resume_from)) for k, steps in todo[1:]}
     return parallel.BackgroundStages(_train_stage_in_process, jobs, out, settings["threads_per_stage"],
                                      join_at_step=settings["join_at_step"])
 
 
+def _stage_trackers(trainer: Trainer, stage: int) -> dict:
+    """The main process's trackers for a background stage: the same kinds, writing to ``logging_dir/stage{k}``
+    (a TensorBoard folder is one process's; the tags already name the stage)."""
+    names = [getattr(kind, "value", kind) for kind in trainer.accelerator.log_with or []]
+    folder = trainer.accelerator.logging_dir
+    if not names or folder is None:
+        return {}
+    return {"log_with": names, "project_dir": str(Path(folder) / f"stage{stage}")}
+
+
 def _train_stage_in_process(*, stage: int, part: str, position: int, config: dict, steps: int, out: str,
-                            options: RunOptions, resume_from: Optional[str]) -> None:
+                            options: RunOptions, resume_from: Optional[str], trackers: Optional[dict] = None) -> None:
     """Body of a background stage (a fresh interpreter): build the cascade as the main process does, train
-    ``stage`` with :func:`train_stage`, and save to ``part/checkpoint`` for the main process to take over."""
-    trainer = Trainer(cfg.build_cascade(config), settings=cfg.trainer_settings(config), cpu=True)
+    ``stage`` with :func:`train_stage` (logging to ``trackers``, :func:`_stage_trackers`), and save to
+    ``part/checkpoint`` for the main process to take over."""
+    trainer = Trainer(cfg.build_cascade(config), settings=cfg.trainer_settings(config), cpu=True, **(trackers or {}))
+    if trackers:
+        trainer.start_trackers(config)
     if resume_from:
         trainer.load(resume_from)
         check_horizons(trainer, config, [stage], options.extend)
@@ -349,5 +362,6 @@ def _train_stage_in_process(*, stage: int, part: str, position: int, config: dic
     own = dataclasses.replace(options, sample_every=None, save_every=0)  # the main process writes those
     train_stage(trainer, config, stage, steps, out, own, progress_line=position)
     trainer.save(Path(part) / "checkpoint", overwrite=True)
+    trainer.accelerator.end_training()  # flush and close its trackers
     print(f"stage {stage}: in its own process with {torch.get_num_threads()} thread(s), "
           f"{time.time() - start:.0f}s in all", flush=True)
