@@ -1,7 +1,7 @@
 """imagen_lib: cascaded text-to-image diffusion (Imagen) for research.
 
 Public names are imported lazily, so that ``import imagen_lib`` stays fast and never touches
-transformers (or the network) until a text encoder is actually asked for.
+transformers, diffusers (or the network) until a text encoder or an autoencoder is actually asked for.
 """
 
 from importlib import import_module
@@ -15,8 +15,11 @@ _EXPORTS = {
     "EfficientUnet": "imagen_lib.nn.efficient_unet",
     "GaussianDiffusionContinuous": "imagen_lib.diffusion",
     "ElucidatedDiffusion": "imagen_lib.diffusion",
+    "DiscreteDiffusion": "imagen_lib.diffusion",
     "NoiseAugmentation": "imagen_lib.diffusion.noise_augment",
     "T5TextEncoder": "imagen_lib.text",
+    "CLIPTextEncoder": "imagen_lib.text_clip",
+    "AutoencoderKL": "imagen_lib.latent",
     "Stage": "imagen_lib.cascade",
     "SamplerSettings": "imagen_lib.sampling_options",
     "Cascade": "imagen_lib.cascade",
@@ -51,12 +54,14 @@ def __dir__():
 if TYPE_CHECKING:  # static tools see the real names
     from imagen_lib.cascade import Cascade, Stage
     from imagen_lib.data.shapes import ShapesDataset
-    from imagen_lib.diffusion import ElucidatedDiffusion, GaussianDiffusionContinuous
+    from imagen_lib.diffusion import DiscreteDiffusion, ElucidatedDiffusion, GaussianDiffusionContinuous
     from imagen_lib.diffusion.noise_augment import NoiseAugmentation
+    from imagen_lib.latent import AutoencoderKL
     from imagen_lib.nn.config import EfficientUnetConfig, UnetConfig
     from imagen_lib.nn.efficient_unet import EfficientUnet
     from imagen_lib.nn.unet import Unet
     from imagen_lib.sampling_options import InitImages, Inpainting, NegativePrompt, SamplerSettings, StartImages
     from imagen_lib.text import T5TextEncoder
+    from imagen_lib.text_clip import CLIPTextEncoder
     from imagen_lib.training.loop import RunOptions, train_stages
     from imagen_lib.training.trainer import Trainer, TrainerSettings

@@ -17,6 +17,7 @@ from imagen_lib.diffusion import diffusion_kind
 from imagen_lib.diffusion.noise import Generator, rand
 from imagen_lib.diffusion.noise_augment import NoiseAugmentation
 from imagen_lib.diffusion.samplers import SAMPLERS
+from imagen_lib.nn.networks import NETWORK_OF_CONFIG, network_kind
 from imagen_lib.protocols import Autoencoder, DiffusionProcess, Network, check_protocol, plain_config
 from imagen_lib.sampling_options import SamplerSettings
 
@@ -116,7 +117,7 @@ class Stage:
         """Plain JSON values: the network's and process's kind and configuration, and the stage's settings (and
         the autoencoder's configuration, for a latent stage only)."""
         config = {
-            "network": {"kind": type(self.net).__name__, "config": plain_config(self.net.config)},
+            "network": {"kind": _network_kind(self.net), "config": plain_config(self.net.config)},
             "diffusion": {"kind": diffusion_kind(self.diffusion), "config": dict(self.diffusion.config)},
             "image_size": self.image_size,
             "sampler": self.sampler.config,
@@ -126,6 +127,15 @@ class Stage:
         if self.latent:
             config["autoencoder"] = dict(self.autoencoder.config)
         return config
+
+
+def _network_kind(net) -> str:
+    """The network's kind as checkpoints record it: the :data:`~imagen_lib.nn.networks.NETWORKS` name its config's
+    type builds (``Unet``, ``EfficientUnet``), whatever the module's class became (FSDP's ``fully_shard`` makes
+    it ``FSDPUnet``); a network of one's own, with another config type, is recorded by its class name."""
+    if type(net.config) in NETWORK_OF_CONFIG:
+        return network_kind(net.config)
+    return type(net).__name__
 
 
 def random_crops(images: Sequence[Tensor], size: int, generator: Generator = None) -> list[Tensor]:

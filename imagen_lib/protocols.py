@@ -1,5 +1,6 @@
 """The seams between the parts of a cascade, as protocols (docs/architecture.md): what a network, a diffusion
-process and a text encoder must offer for :class:`~imagen_lib.cascade.Cascade` to use them.
+process, a text encoder and a latent stage's autoencoder must offer for :class:`~imagen_lib.cascade.Cascade` to
+use them.
 
 They are structural: any object with these members plugs in, a subclass of a library class or a class of
 your own alike; nothing needs to inherit from them. :func:`check_protocol` raises a ``TypeError`` that names
@@ -42,8 +43,9 @@ class Network(Protocol):
 
 @runtime_checkable
 class DiffusionProcess(Protocol):
-    """A training process and its sampling grid (:class:`~imagen_lib.diffusion.ElucidatedDiffusion`,
-    :class:`~imagen_lib.diffusion.GaussianDiffusionContinuous`); ``net_kwargs`` go to the network unchanged.
+    """A training process and its sampling grid (the continuous :class:`~imagen_lib.diffusion.ElucidatedDiffusion`
+    and :class:`~imagen_lib.diffusion.GaussianDiffusionContinuous`, Stable Diffusion's discrete
+    :class:`~imagen_lib.diffusion.DiscreteDiffusion`); ``net_kwargs`` go to the network unchanged.
     ``default_sampler`` names a sampler of :data:`imagen_lib.diffusion.samplers.SAMPLERS`; ``config`` holds
     plain JSON values from which ``type(proc)(**config)`` rebuilds it."""
 
@@ -54,7 +56,8 @@ class DiffusionProcess(Protocol):
     def config(self) -> dict: ...
 
     def loss(self, net: Callable[..., Tensor], x0: Tensor, *, generator: Any = None, **net_kwargs: Any) -> Tensor:
-        """Scalar training loss on clean images ``x0`` (B, C, H, W) in [-1, 1]."""
+        """Scalar training loss on clean images ``x0`` (B, C, H, W) in [-1, 1] (a latent stage's scaled
+        latents)."""
 
     def denoiser(self, net: Callable[..., Tensor], **net_kwargs: Any) -> Denoiser:
         """The sampler's ``denoiser(x, sigma) -> x0_hat`` with ``net_kwargs`` bound."""
@@ -69,7 +72,9 @@ class DiffusionProcess(Protocol):
 
 @runtime_checkable
 class TextEncoder(Protocol):
-    """Captions to ``(text_embeds (B, N, embed_dim), text_mask (B, N) bool)`` (:class:`~imagen_lib.text.T5TextEncoder`).
+    """Captions to ``(text_embeds (B, N, embed_dim), text_mask (B, N) bool)`` (:class:`~imagen_lib.text.T5TextEncoder`,
+    :class:`~imagen_lib.text_clip.CLIPTextEncoder`; :data:`imagen_lib.text.TEXT_ENCODERS` maps a ``config``'s
+    ``kind`` to its class).
 
     ``trainable`` says whether it is trained with the cascade (then checkpoints hold its files, written by
     ``save_pretrained(folder)``); ``config`` holds plain JSON values stored in checkpoints.
@@ -88,7 +93,8 @@ class TextEncoder(Protocol):
 
 @runtime_checkable
 class Autoencoder(Protocol):
-    """A frozen first-stage autoencoder of a latent stage (latent diffusion, seed 003's ``AutoencoderKL``).
+    """A frozen first-stage autoencoder of a latent stage (latent diffusion, seed 003's ``AutoencoderKL``:
+    :class:`imagen_lib.latent.AutoencoderKL`).
 
     ``encode(images)`` takes images (B, 3, H, W) in [-1, 1] and returns latents (B, latent_channels,
     H / downsampling_factor, W / downsampling_factor) already multiplied by ``scaling_factor``;

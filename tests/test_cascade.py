@@ -282,6 +282,20 @@ def test_config_round_trip_and_checkpoint_gives_identical_samples(cascade):
         cascade.save("memory://cascade-test/ck")
 
 
+def test_network_kind_comes_from_the_config_not_the_module_class():
+    # FSDP's fully_shard swaps a module's class for a subclass named FSDP<Name>; the recorded kind stays the
+    # network the config builds, so a checkpoint written under FSDP rebuilds a plain network
+    cascade = tiny_cascade()
+    before = cascade.config
+    for stage in cascade.stages:
+        cls = type(stage.net)
+        stage.net.__class__ = type(f"FSDP{cls.__name__}", (cls,), {})
+    assert cascade.config == before
+    assert [s["network"]["kind"] for s in before["stages"]] == [type(s.net).__mro__[1].__name__
+                                                                for s in cascade.stages]
+    assert Cascade.from_config(cascade.config).config == before
+
+
 def test_a_process_of_your_own_and_a_subclass_train_and_sample(encoder):
     base = tiny_cascade(text_encoder=encoder)
     own, sub = LogUniformVE(), LowNoiseEDM()

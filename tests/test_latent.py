@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,62 @@ def test_precached_shards_carry_latents(vae, tmp_path):
     assert len(items) == 3
     for item in items:
         torch.testing.assert_close(item["latents"], vae.encode(item["images"][None])[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# examples/sd.yaml: seed 003's configuration in the library's names
+
+
+SD_YAML = Path(__file__).resolve().parents[1] / "examples" / "sd.yaml"
+# --set overrides that shrink examples/sd.yaml to a tiny random CLIP, VAE (f = 2) and SD-design U-Net; the
+# blocks' other fields (kinds, layer, schedule, text conditioning) stay the file's
+TINY_SD = [
+    "text_encoder.name_or_path=null",
+    "text_encoder.build_tiny={hidden_size: 32, intermediate_size: 64, num_attention_heads: 4, projection_dim: 32}",
+    "stages.0.image_size=16",
+    "stages.0.autoencoder.pretrained=null", "stages.0.autoencoder.subfolder=null",
+    f"stages.0.autoencoder.config={TINY_VAE}",
+    "stages.0.network.config.embed_dim=32", "stages.0.network.config.image_size=8",
+    "stages.0.network.config.channel_mult=[1, 2, 2]", "stages.0.network.config.num_res_blocks=1",
+    "stages.0.network.config.cond_dim=null",
+    "stages.0.network.config.attention_levels=[true, true, false]", "stages.0.network.config.per_head_channels=16",
+]
+
+
+def test_sd_yaml_network_block_is_the_published_sd_v2_unet():
+    from imagen_lib.config import build_network, load_config, parse_config
+    from imagen_lib.nn import presets
+
+    stage = parse_config(load_config(SD_YAML)).stages[0]
+    net = build_network(stage.network, text_embed_dim=1024, lowres_cond=False, channels=4, device="meta")
+    assert sum(p.numel() for p in net.parameters()) == presets.PUBLISHED_SIZES["sd-v2"]
+    assert stage.image_size // 8 == net.config.image_size
+
+
+def test_sd_yaml_builds_a_clip_latent_stage_on_the_discrete_schedule():
+    from imagen_lib.config import apply_overrides, build_cascade, load_config
+    from imagen_lib.diffusion import DiscreteDiffusion
+    from imagen_lib.text_clip import CLIPTextEncoder
+
+    cascade = build_cascade(apply_overrides(load_config(SD_YAML), TINY_SD))
+    encoder, stage = cascade.text_encoder, cascade.stages[0]
+    assert isinstance(encoder, CLIPTextEncoder) and (encoder.layer, encoder.max_length) == ("penultimate", 77)
+    embeds, mask = encoder.encode(["a red circle", "a photograph of an astronaut riding a horse"])
+    assert embeds.shape == (2, 77, encoder.embed_dim) and mask.all()  # SD attends all 77 tokens
+    assert stage.latent and stage.net_size == 8 and stage.net.channels == stage.autoencoder.latent_channels == 4
+    config = stage.net.config
+    assert (config.attention_type, config.text_conditioning, config.timestep_embedding) == (
+        "spatial_transformer", "raw", True)
+    assert config.text_embed_dim == encoder.embed_dim and not config.gradient_checkpointing
+    assert isinstance(stage.diffusion, DiscreteDiffusion)
+    assert (stage.diffusion.parameterization, stage.diffusion.timestep_cond) == ("eps", "raw")
+    assert (stage.sampler.sampler, stage.sampler.steps, stage.sampler.threshold) == ("ddim", 50, "none")
+
+    seen = []  # the U-Net gets SD's raw timesteps (0 .. 999), not t / 1000
+    stage.net.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
+    t = torch.tensor([999, 500])
+    loss = stage.diffusion.loss(stage.net, stage.autoencoder.encode(images(2)), t=t, text_embeds=embeds,
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and torch.equal(seen[0], t.float())
+    out = cascade.sample(["a red circle"], steps=2, seed=0, disable_progress=True)
+    assert out.shape == (1, 3, 16, 16)

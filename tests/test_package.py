@@ -36,10 +36,30 @@ def test_import_is_offline_and_lazy():
     # transformers and accelerate are heavy and may look for the hub: a bare import must not load them.
     code = (
         "import sys, imagen_lib; "
-        "heavy = [m for m in ('transformers', 'accelerate', 'kornia') if m in sys.modules]; "
+        "heavy = [m for m in ('transformers', 'accelerate', 'kornia', 'diffusers') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_latent_diffusion_names_are_exported_lazily():
+    # CLIP, the discrete process and the VAE resolve to their modules' classes, still without loading
+    # transformers or diffusers (those load when an encoder or an autoencoder is built).
+    code = (
+        "import sys, imagen_lib; "
+        "from imagen_lib.diffusion.discrete import DiscreteDiffusion; "
+        "from imagen_lib.latent.autoencoder import AutoencoderKL; "
+        "from imagen_lib.text_clip import CLIPTextEncoder; "
+        "assert imagen_lib.DiscreteDiffusion is DiscreteDiffusion; "
+        "assert imagen_lib.AutoencoderKL is AutoencoderKL; "
+        "assert imagen_lib.CLIPTextEncoder is CLIPTextEncoder; "
+        "names = ('CLIPTextEncoder', 'DiscreteDiffusion', 'AutoencoderKL'); "
+        "assert all(n in imagen_lib.__all__ and n in dir(imagen_lib) for n in names); "
+        "print(','.join(m for m in ('transformers', 'diffusers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
 
 

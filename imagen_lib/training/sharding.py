@@ -90,19 +90,8 @@ def prepare_stage(accelerator: Any, net: nn.Module, optimizer: torch.optim.Optim
     replaces the parameters, and Accelerate points the optimizer at the new ones), apart otherwise (distributed
     data parallel wraps the network and keeps its parameters)."""
     if sharded:
-        network_class = type(net)
-        net, optimizer = accelerator.prepare(net, optimizer)
-        _keep_class_name(net, network_class)
-        return net, optimizer
+        return accelerator.prepare(net, optimizer)
     return accelerator.prepare_model(net), accelerator.prepare_optimizer(optimizer)
-
-
-def _keep_class_name(module: nn.Module, original: type) -> None:
-    """``fully_shard`` swaps the module's class for a subclass named ``FSDP<Name>``; the cascade records its
-    networks' class names as their kind in checkpoints (``Unet``, ``EfficientUnet``), so the subclass keeps the
-    original name (a checkpoint written under FSDP then rebuilds a plain network, and a resume recognises it)."""
-    if type(module) is not original:
-        type(module).__name__, type(module).__qualname__ = original.__name__, original.__qualname__
 
 
 def shard_ema(accelerator: Any, ema: Any) -> None:
