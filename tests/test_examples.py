@@ -243,3 +243,17 @@ def test_train_script_data_option_reads_a_folder_with_the_configs_folder_options
     assert len(dataset) == 2 and workers == 1 and dataset.seed == 7
     assert isinstance(build_dataset(train.with_data(config, "shapes"), 16)[0], ShapesDataset)
     assert train.with_data(config, None) is config
+
+
+def test_latent_shapes_trains_an_autoencoder_then_a_latent_stage_and_judges_it(tmp_path):
+    """examples/latent_shapes.py at tiny settings: the autoencoder it trains first is saved and used by the
+    latent stage, whose checkpoint holds it; eval-shapes judges the samples (figures: docs/latent.md)."""
+    out = tmp_path / "latent"
+    done = run([sys.executable, EXAMPLES / "latent_shapes.py", "--out", out, "--ae-steps", "2", "--ae-images", "32",
+                "--eval-n", "2", "--no-progress", "--set", "stages.0.train.steps=2",
+                "--set", "stages.0.sampler.steps=2"], cwd=REPO)
+    assert "autoencoder: 2 steps" in done.stdout
+    assert (out / "autoencoder" / "config.json").exists()
+    version = Path(resolve(out / "checkpoint"))
+    assert (version / "autoencoder0").is_dir() and (version / "stage0.safetensors").exists()
+    assert (out / "samples.png").exists() and any((out / "eval-shapes").iterdir())
