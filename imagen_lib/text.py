@@ -18,11 +18,8 @@ per word it was 2.7 times as large: ``benchmarks/text_signal.py``). A pretrained
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from imagen_lib.text_common import PretrainedTextEncoder, build_random_and_reload, quiet_transformers, resolve_dtype
 from imagen_lib.validation import check_int, check_texts, typechecked
 
 # the special tokens of a word-level vocabulary, with T5's ids (pad 0, end of sequence 1, unknown 2)
@@ -40,30 +38,7 @@ WORD_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 TINY_T5_DEFAULTS = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4, "dropout_rate": 0.0}
 
 
-def _resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"dtype: expected None, a torch.dtype or one of {sorted(table)}, got {dtype!r}")
-    return table[dtype]
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No per-file progress bars while loading or saving a (small) encoder."""
-    from transformers.utils import logging as hf_logging
-
-    was_disabled = hf_logging.is_progress_bar_enabled() is False
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            hf_logging.enable_progress_bar()
-
-
-class T5TextEncoder(nn.Module):
+class T5TextEncoder(PretrainedTextEncoder):
     """A T5 encoder that turns captions into ``(embeds, mask)``.
 
     Args:
@@ -96,9 +71,9 @@ class T5TextEncoder(nn.Module):
         self.name_or_path, self.max_length, self.trainable = str(name_or_path), int(max_length), bool(trainable)
         self.source = dict(source) if source is not None else {"name_or_path": self.name_or_path}
         self._warned_words: set[str] = set()  # unknown words already warned about (tokenize)
-        torch_dtype = _resolve_dtype(dtype)
+        torch_dtype = resolve_dtype(dtype)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        with _quiet_transformers():
+        with quiet_transformers():
             self.tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
             self.model = T5EncoderModel.from_pretrained(self.name_or_path, **kwargs)
         if device is not None:
@@ -125,34 +100,13 @@ class T5TextEncoder(nn.Module):
         seed, max_length = check_int("seed", seed), check_int("max_length", max_length, low=1)
         options = {**TINY_T5_DEFAULTS, **t5_config}
         tokenizer = ByT5Tokenizer() if vocabulary is None else word_tokenizer(vocabulary)
-        config = _tiny_t5_config(tokenizer, options)
-        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
-            torch.manual_seed(seed)
-            model = T5EncoderModel(config)
-        target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="imagen_lib_t5_"))
-        try:
-            with _quiet_transformers():
-                model.save_pretrained(target)
-            tokenizer.save_pretrained(target)
-            source = {"build_tiny": options, "seed": int(seed)}
-            if vocabulary is not None:
-                source["vocabulary"] = list(vocabulary)
-            return cls(target, max_length=max_length, trainable=trainable, source=source)
-        finally:
-            if folder is None:
-                shutil.rmtree(target, ignore_errors=True)
-
-    def set_trainable(self, trainable: bool) -> None:
-        """Frozen (eval mode, no gradients) or trained jointly with the cascade."""
-        self.trainable = bool(trainable)
-        self.model.requires_grad_(self.trainable)
-        self.model.train(self.trainable and self.training)
-
-    def train(self, mode: bool = True) -> "T5TextEncoder":
-        # a frozen encoder stays in eval mode whatever its parent module asks (no dropout on embeddings)
-        super().train(mode)
-        self.model.train(mode and self.trainable)
-        return self
+        source = {"build_tiny": options, "seed": int(seed)}
+        if vocabulary is not None:
+            source["vocabulary"] = list(vocabulary)
+        return build_random_and_reload(
+            T5EncoderModel, _tiny_t5_config(tokenizer, options), tokenizer, seed=seed, folder=folder,
+            prefix="imagen_lib_t5_", load=lambda target: cls(target, max_length=max_length, trainable=trainable,
+                                                             source=source))
 
     @property
     def embed_dim(self) -> int:
@@ -160,20 +114,10 @@ class T5TextEncoder(nn.Module):
         return int(self.model.config.d_model)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
     def config(self) -> dict:
         """Plain JSON values describing this encoder (stored in checkpoints)."""
         return {"kind": self.kind, "source": dict(self.source), "max_length": self.max_length,
                 "trainable": self.trainable}
-
-    def save_pretrained(self, folder: Union[str, Path]) -> None:
-        """Write model and tokenizer files (safetensors + JSON) to a local ``folder``."""
-        with _quiet_transformers():
-            self.model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
 
     # ----------------------------------------------------------------------------------------------------
 

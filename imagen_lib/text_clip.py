@@ -16,14 +16,11 @@ For tests and CPU examples without pretrained weights, :meth:`CLIPTextEncoder.bu
 byte symbols (so any text tokenizes) plus, given a word list, merges that make each word one token.
 
 transformers is imported inside functions only. This module does not import :mod:`imagen_lib.text` (which
-dispatches to it by kind), so the two small transformers helpers below are its own.
+dispatches to it by kind); what the two encoders share is in :mod:`imagen_lib.text_common`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -31,6 +28,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from imagen_lib.text_common import PretrainedTextEncoder, build_random_and_reload, quiet_transformers, resolve_dtype
 from imagen_lib.validation import check_int, check_texts, typechecked
 
 CLIP_LAYERS = ("last", "penultimate")
@@ -40,31 +38,6 @@ BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 # The default tiny encoder: small enough to run in CPU tests and examples in seconds.
 TINY_CLIP_DEFAULTS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                       "num_attention_heads": 4, "projection_dim": 64}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _torch_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: expected None, a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """No per-file progress bars while a (small) encoder is loaded or saved."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _sources(name_or_path: str) -> tuple[dict, dict]:
     """``from_pretrained`` arguments of the model and of the tokenizer: a local Stable Diffusion pipeline folder
     keeps them in ``text_encoder/`` and ``tokenizer/``; anything else holds both itself."""
@@ -80,7 +53,7 @@ def _transformer(model: nn.Module) -> nn.Module:
     return getattr(model, "text_model", model)
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(PretrainedTextEncoder):
     """A CLIP text transformer that turns captions into ``(embeds, mask)``.
 
     Args:
@@ -116,11 +89,11 @@ class CLIPTextEncoder(nn.Module):
         self.name_or_path, self.layer = str(name_or_path), layer
         self.mask_padding, self.trainable = bool(mask_padding), bool(trainable)
         self.source = dict(source) if source is not None else {"name_or_path": self.name_or_path}
-        torch_dtype = _torch_dtype(dtype)
+        torch_dtype = resolve_dtype(dtype)
         model_args, tokenizer_args = _sources(self.name_or_path)
         if torch_dtype is not None:
             model_args["dtype"] = torch_dtype
-        with _no_progress_bars():
+        with quiet_transformers():
             self.tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **tokenizer_args)
             self.model = CLIPTextModel.from_pretrained(self.name_or_path, **model_args)
         self._check_model()
@@ -155,40 +128,20 @@ class CLIPTextEncoder(nn.Module):
         """
         from transformers import CLIPTextModel
 
-        seed = check_int("seed", seed)
         options = {**TINY_CLIP_DEFAULTS, **clip_config}
         tokenizer = clip_tokenizer(vocabulary)
-        config = _tiny_clip_config(tokenizer, options)
-        with torch.random.fork_rng(devices=[]):  # do not disturb the caller's RNG stream
-            torch.manual_seed(seed)
-            model = CLIPTextModel(config)
-        target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="imagen_lib_clip_"))
-        try:
-            with _no_progress_bars():
-                model.save_pretrained(target)
-            tokenizer.save_pretrained(target)
-            source = {"build_tiny": options, "seed": seed}
-            if vocabulary is not None:
-                source["vocabulary"] = list(vocabulary)
-            return cls(target, max_length=max_length, layer=layer, mask_padding=mask_padding, trainable=trainable,
-                       source=source)
-        finally:
-            if folder is None:
-                shutil.rmtree(target, ignore_errors=True)
+        source = {"build_tiny": options, "seed": check_int("seed", seed)}
+        if vocabulary is not None:
+            source["vocabulary"] = list(vocabulary)
+        return build_random_and_reload(
+            CLIPTextModel, _tiny_clip_config(tokenizer, options), tokenizer, seed=seed, folder=folder,
+            prefix="imagen_lib_clip_", load=lambda target: cls(
+                target, max_length=max_length, layer=layer, mask_padding=mask_padding, trainable=trainable,
+                source=source))
 
-    def set_trainable(self, trainable: bool) -> None:
-        """Frozen (eval mode, no gradients) or trained jointly with the cascade."""
-        self.trainable = bool(trainable)
-        self.model.requires_grad_(self.trainable)
+    def _freeze_unused(self) -> None:
         if self.layer == "penultimate":  # its output is never used: no gradient would ever reach it
             _transformer(self.model).encoder.layers[-1].requires_grad_(False)
-        self.model.train(self.trainable and self.training)
-
-    def train(self, mode: bool = True) -> "CLIPTextEncoder":
-        # a frozen encoder stays in eval mode whatever its parent module asks
-        super().train(mode)
-        self.model.train(mode and self.trainable)
-        return self
 
     @property
     def embed_dim(self) -> int:
@@ -197,20 +150,10 @@ class CLIPTextEncoder(nn.Module):
         return int(self.model.config.hidden_size)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
     def config(self) -> dict:
         """Plain JSON values describing this encoder (stored in checkpoints; ``kind`` selects the class)."""
         return {"kind": self.kind, "source": dict(self.source), "max_length": self.max_length, "layer": self.layer,
                 "mask_padding": self.mask_padding, "trainable": self.trainable}
-
-    def save_pretrained(self, folder: Union[str, Path]) -> None:
-        """Write model and tokenizer files (safetensors + JSON) to a local ``folder``."""
-        with _no_progress_bars():
-            self.model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
 
     # ----------------------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "imagen_lib.diffusion": (1, "maths"),
     "imagen_lib.text": (1, "text"),
     "imagen_lib.text_clip": (1, "text"),
+    "imagen_lib.text_common": (1, "text"),
     "imagen_lib.latent": (1, "autoencoders"),
     "imagen_lib.data": (2, "data"),
     "imagen_lib.cascade": (3, "cascade"),
