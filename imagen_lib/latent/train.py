@@ -2,7 +2,9 @@
 example trains one on a CPU in a few minutes).
 
 The loss is the pixel reconstruction error (L1, SD's choice, or L2) plus ``kl_weight`` times the posterior's
-KL divergence to N(0, I) (SD's VAE: 1e-6; it only keeps the latents from drifting in scale). SD also trains
+KL divergence to N(0, I) (SD's VAE: 1e-6; it only keeps the latents from drifting in scale). With
+``foreground_weight`` the pixels off each image's median colour weigh more: on images of small objects on a flat
+background a plain mean is decided by the background, and the objects' colours and outlines get lost. SD also trains
 its VAE with a perceptual (LPIPS) and an adversarial loss for sharp detail; flat-coloured shapes do not need
 them. The scaling factor is then measured as SD measured its 0.18215: 1 / the standard deviation of the
 latents of the training images, so the diffusion process sees latents of about unit variance.
