@@ -20,6 +20,7 @@ from tiny_cascade import BASE_NET, SR_NET, TEXT_DIM  # noqa: E402
 from imagen_lib.cascade import Cascade, Inpainting, Stage  # noqa: E402
 from imagen_lib.diffusion import ElucidatedDiffusion  # noqa: E402
 from imagen_lib.latent import AutoencoderKL, diffusers_config, train_autoencoder  # noqa: E402
+from imagen_lib.latent.train import foreground_weights  # noqa: E402
 from imagen_lib.nn.networks import network_from_config  # noqa: E402
 
 TINY_VAE = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "norm_num_groups": 4}  # f = 2
@@ -124,6 +125,27 @@ def test_train_autoencoder_learns_and_measures_its_scale():
 
     assert error(auto) < error(untrained)
     assert auto.encode_mean(x).std().item() == pytest.approx(1.0, rel=1e-3)  # 1 / std of the latents
+
+
+def test_foreground_weights_mark_the_pixels_off_the_background():
+    x = torch.full((2, 3, 6, 6), -0.8)
+    x[0, :, 1:3, 1:3] = torch.tensor([0.7, -0.7, -0.7])[:, None, None]  # a red 2 x 2 square
+    x[1, 2, 4, 4] = -0.75                                              # a tiny change: below the threshold
+    w = foreground_weights(x, 9.0)
+    assert w.shape == (2, 1, 6, 6)
+    assert torch.equal(w[0, 0, 1:3, 1:3], torch.full((2, 2), 10.0)) and w[0].sum() == 36 + 4 * 9
+    assert torch.equal(w[1], torch.ones(1, 6, 6))
+
+
+def test_foreground_weight_changes_training_and_is_checked():
+    x = images(16, 8, seed=3)
+    plain = train_autoencoder(x, ddconfig=TINY_VAE, steps=3, batch_size=4, progress=False)
+    weighted = train_autoencoder(x, ddconfig=TINY_VAE, steps=3, batch_size=4, foreground_weight=10.0, progress=False)
+    again = train_autoencoder(x, ddconfig=TINY_VAE, steps=3, batch_size=4, foreground_weight=10.0, progress=False)
+    assert not torch.equal(plain.encode_mean(x), weighted.encode_mean(x))
+    assert torch.equal(weighted.encode_mean(x), again.encode_mean(x))  # seeded: the same weights again
+    with pytest.raises(ValueError, match="foreground_weight"):
+        train_autoencoder(x, ddconfig=TINY_VAE, steps=1, foreground_weight=-1.0, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
