@@ -77,7 +77,8 @@ class TextEncoderConfig:
             raise ValueError("name_or_path: expected exactly one of name_or_path and build_tiny")
         named = ("shapes", "shape_pairs")
         if isinstance(self.vocabulary, str) and self.vocabulary not in named or self.vocabulary == []:
-            raise ValueError(f"vocabulary: expected 'shapes' or a list of words (or 'shape_pairs'), got {self.vocabulary!r}")
+            raise ValueError(f"vocabulary: expected 'shapes' or a list of words (or 'shape_pairs'), "
+                             f"got {self.vocabulary!r}")
         for name in ("layer", "mask_padding"):
             if getattr(self, name) is not None and self.kind != "clip":
                 raise ValueError(f"{name}: a CLIP option (kind: clip); this text_encoder's kind is {self.kind!r}")
