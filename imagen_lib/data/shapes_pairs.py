@@ -142,7 +142,9 @@ def sample_pair_captions(n: int, seed: int = 0, split: str = "heldout") -> tuple
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    rng = np.random.default_rng([int(seed), 0x9A125, SPLITS.index(split) if split in SPLITS else -1])
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    rng = np.random.default_rng([int(seed), 0x9A125, SPLITS.index(split)])
     texts, records = [], []
     for _ in range(n):
         attributes = random_pair_attributes(rng, split)
