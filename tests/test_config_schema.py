@@ -81,9 +81,11 @@ def test_small_blocks_round_trip_with_their_defaults():
 def test_data_blocks_hold_the_data_sets_own_arguments_and_defaults(kind):
     from imagen_lib.data.folder import ImageTextFolder
     from imagen_lib.data.shapes import ShapesDataset
+    from imagen_lib.data.shapes_pairs import ShapePairsDataset
     from imagen_lib.data.shards import ShardDataset
 
-    data_set = {"shapes": ShapesDataset, "folder": ImageTextFolder, "shards": ShardDataset}[kind]
+    data_set = {"shapes": ShapesDataset, "shape_pairs": ShapePairsDataset, "folder": ImageTextFolder,
+                "shards": ShardDataset}[kind]
     params = inspect.signature(data_set).parameters
     for f in dataclasses.fields(DATA_BLOCKS[kind]):
         if f.name in ("type", "num_workers"):

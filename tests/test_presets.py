@@ -18,7 +18,8 @@ REFERENCE = {
     "sr256-600m": (EfficientUnet, 646), "sr1024-400m": (EfficientUnet, 427),
 }
 
-TINY = {"tiny-32": (Unet,), "tiny-e32": (EfficientUnet,), "tiny-e16": (EfficientUnet,), "tiny-sr64": (EfficientUnet,)}
+TINY = {"tiny-32": (Unet,), "tiny-e32": (EfficientUnet,), "tiny-e16": (EfficientUnet,), "tiny-e24": (EfficientUnet,),
+        "tiny-sr64": (EfficientUnet,)}
 
 # Stable Diffusion's U-Nets (seed 003): preset -> (class, published parameter count); tests/test_sd_unet.py
 # checks their weights against diffusers'.
@@ -70,7 +71,7 @@ def test_preset_config_round_trips(name):
 
 
 @pytest.mark.parametrize("name,size,cls", [("tiny-32", 32, Unet), ("tiny-e16", 16, EfficientUnet),
-                                           ("tiny-sr64", 64, EfficientUnet)])
+                                           ("tiny-e24", 24, EfficientUnet), ("tiny-sr64", 64, EfficientUnet)])
 def test_tiny_presets_train_on_cpu(name, size, cls):
     torch.manual_seed(0)
     net = presets.build(name)

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="judge the output of this stage (0 = the base stage; default: the last stage)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--objects", type=int, choices=(1, 2), default=None,
+                        help="2: judge shape-pair captions, seen and held-out (default: 2 when the run trained on "
+                             "data type shape_pairs, else 1)")
 
 
 def evaluate_cascade(
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from imagen_lib.cascade import Cascade
+    from imagen_lib.commands.eval_pairs import config_objects, run_pairs
     from imagen_lib.data.shapes_reader import format_report
 
     if args.n < 1 or args.batch_size < 1:
@@ -121,9 +125,11 @@ def run(args: argparse.Namespace) -> int:
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
     sample_kwargs: dict[str, Optional[Any]] = {"steps": args.steps, "cond_scale": args.cond_scale,
                                                "sampler": args.sampler, "stop_at_stage": args.stop_at_stage}
-    report, texts, images = evaluate_cascade(cascade, args.n, args.seed, batch_size=args.batch_size, **sample_kwargs)
     checkpoint = str(args.checkpoint).rstrip("/")
     out = args.out or (checkpoint.rsplit("/", 1)[0] + "/eval-shapes" if "/" in checkpoint else "eval-shapes")
+    if (args.objects or config_objects(checkpoint)) == 2:
+        return run_pairs(args, cascade, sample_kwargs, out)
+    report, texts, images = evaluate_cascade(cascade, args.n, args.seed, batch_size=args.batch_size, **sample_kwargs)
     settings = {"checkpoint": str(args.checkpoint), "seed": args.seed, "ema": not args.no_ema, **sample_kwargs}
     json_path, png_path = write_results(out, report, texts, images, settings, grid=args.grid)
     print(format_report(report))

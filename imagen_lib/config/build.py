@@ -19,6 +19,7 @@ from imagen_lib.config.schema import (
     FolderData,
     NetworkBlock,
     RunConfig,
+    ShapePairsData,
     ShapesData,
     ShardsData,
     StageConfig,
@@ -79,6 +80,10 @@ def _vocabulary(value: Union[None, str, list[str]]) -> Optional[list[str]]:
         from imagen_lib.data.shapes import vocabulary
 
         return vocabulary()
+    if value == "shape_pairs":
+        from imagen_lib.data.shapes_pairs import pair_vocabulary
+
+        return pair_vocabulary()
     return value
 
 
@@ -167,7 +172,7 @@ def _text_embed_dim(run: RunConfig, encoder) -> Optional[int]:
     """The nets' text width: the encoder's, else ``text_embed_dim``, else the precomputed embeddings'; the
     precomputed embeddings must agree with the first two."""
     given = encoder.embed_dim if encoder is not None else run.text_embed_dim
-    if isinstance(run.data, ShapesData):
+    if isinstance(run.data, (ShapesData, ShapePairsData)):
         return given
     stored = precomputed_text_dim(run)
     if stored is not None and given is not None and stored != given:
@@ -249,7 +254,8 @@ def precomputed_text_dim(config: Config) -> Optional[int]:
 def build_dataset(config: Config, image_size: int) -> tuple[Any, int]:
     """The training data set of the ``data`` block at ``image_size``, and its ``num_workers``.
 
-    ``shapes``: :class:`~imagen_lib.data.shapes.ShapesDataset`; ``folder``:
+    ``shapes``: :class:`~imagen_lib.data.shapes.ShapesDataset`; ``shape_pairs``:
+    :class:`~imagen_lib.data.shapes_pairs.ShapePairsDataset`; ``folder``:
     :class:`~imagen_lib.data.folder.ImageTextFolder`; ``shards``: :class:`~imagen_lib.data.shards.ShardDataset`
     (it splits itself across processes and workers). Without a ``text_encoder`` block the data must carry
     precomputed embeddings, and ``sample.prompts`` must be empty (there is nothing to encode them with).
@@ -260,6 +266,11 @@ def build_dataset(config: Config, image_size: int) -> tuple[Any, int]:
 
         with _data_errors(kind):
             return ShapesDataset(image_size=image_size, **options), num_workers
+    if kind == "shape_pairs":
+        from imagen_lib.data.shapes_pairs import ShapePairsDataset
+
+        with _data_errors(kind):
+            return ShapePairsDataset(image_size=image_size, **options), num_workers
     has_encoder = parse_block(config, "text_encoder") is not None
     if not has_encoder and parse_block(config, "sample").prompts:
         raise ValueError(

@@ -45,8 +45,9 @@ class TextEncoderConfig:
         build_tiny: model config fields of a small random encoder built locally (``T5Config``'s ``{d_model: 64}``,
             ``CLIPTextConfig``'s ``{hidden_size: 64}``) ...
         seed: ... from this seed, default 0 ...
-        vocabulary: ... with a word-level tokenizer: ``shapes`` (the built-in captions' words) or a list of
-            words; default None: bytes (ByT5's tokenizer for T5, one token per character for CLIP).
+        vocabulary: ... with a word-level tokenizer: ``shapes`` (the built-in captions' words), ``shape_pairs``
+            (those and the pair captions' words) or a list of words; default None: bytes (ByT5's tokenizer for
+            T5, one token per character for CLIP).
         max_length: tokens per caption, default None: the encoder class's default (T5 128, CLIP 77), for a
             ``build_tiny`` encoder too.
         trainable: train it jointly with the cascade, default False.
@@ -74,8 +75,10 @@ class TextEncoderConfig:
             raise ValueError(f"kind: expected a text encoder kind, one of {sorted(TEXT_ENCODERS)}, got {self.kind!r}")
         if (self.name_or_path is None) == (self.build_tiny is None):
             raise ValueError("name_or_path: expected exactly one of name_or_path and build_tiny")
-        if isinstance(self.vocabulary, str) and self.vocabulary != "shapes" or self.vocabulary == []:
-            raise ValueError(f"vocabulary: expected 'shapes' or a list of words, got {self.vocabulary!r}")
+        named = ("shapes", "shape_pairs")
+        if isinstance(self.vocabulary, str) and self.vocabulary not in named or self.vocabulary == []:
+            raise ValueError(f"vocabulary: expected 'shapes' or a list of words (or 'shape_pairs'), "
+                             f"got {self.vocabulary!r}")
         for name in ("layer", "mask_padding"):
             if getattr(self, name) is not None and self.kind != "clip":
                 raise ValueError(f"{name}: a CLIP option (kind: clip); this text_encoder's kind is {self.kind!r}")
@@ -229,6 +232,23 @@ class ShapesData:
 
 
 @dataclass(kw_only=True)
+class ShapePairsData:
+    """``data: {type: shape_pairs}``: :class:`~imagen_lib.data.shapes_pairs.ShapePairsDataset`, two shapes and
+    their relation (its defaults; ``split`` ``train``: never a held-out colour combination)."""
+
+    type: Literal["shape_pairs"] = "shape_pairs"
+    length: int = 100_000
+    seed: int = 0
+    supersample: int = 4
+    split: Literal["train", "heldout"] = "train"
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _at_least("num_workers", self.num_workers, 0)
+        check_seed("seed", self.seed)
+
+
+@dataclass(kw_only=True)
 class FolderData:
     """``data: {type: folder}``: :class:`~imagen_lib.data.folder.ImageTextFolder`, images with a same-named
     .txt caption beside each (its arguments and defaults; ``extensions`` None: its default list); ``latents``:
@@ -276,8 +296,9 @@ class ShardsData:
         check_seed("seed", self.seed)
 
 
-DataConfig = Union[ShapesData, FolderData, ShardsData]
-DATA_BLOCKS: dict[str, type] = {"shapes": ShapesData, "folder": FolderData, "shards": ShardsData}
+DataConfig = Union[ShapesData, ShapePairsData, FolderData, ShardsData]
+DATA_BLOCKS: dict[str, type] = {"shapes": ShapesData, "shape_pairs": ShapePairsData, "folder": FolderData,
+                                "shards": ShardsData}
 # data.type -> the keys its block may hold besides ``type`` and ``num_workers`` (read off the dataclasses)
 DATA_KEYS: dict[str, set[str]] = {kind: set(field_names(cls)) - {"type", "num_workers"}
                                   for kind, cls in DATA_BLOCKS.items()}
@@ -341,7 +362,8 @@ class RunConfig:
             from the data's embeddings).
         text_encoder: a :class:`TextEncoderConfig`, default None (precomputed embeddings or no text).
         stages: the :class:`StageConfig` blocks, lowest resolution first.
-        data: :class:`ShapesData` (default), :class:`FolderData` or :class:`ShardsData`, by ``type``.
+        data: :class:`ShapesData` (default), :class:`ShapePairsData`, :class:`FolderData` or :class:`ShardsData`,
+            by ``type``.
         trainer: :class:`~imagen_lib.training.settings.TrainerSettings` fields (checked by name).
         sample: a :class:`SampleConfig`.
         parallel_stages: a :class:`ParallelConfig` (``true``: its defaults), default None (stages in turn).

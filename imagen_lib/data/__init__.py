@@ -13,6 +13,11 @@ _EXPORTS = {
     "sample_captions": "imagen_lib.data.shapes",
     "render": "imagen_lib.data.shapes",
     "render_batch": "imagen_lib.data.shapes",
+    "ShapePairsDataset": "imagen_lib.data.shapes_pairs",
+    "sample_pair_captions": "imagen_lib.data.shapes_pairs",
+    "render_pairs": "imagen_lib.data.shapes_pairs",
+    "read_pairs": "imagen_lib.data.shapes_pairs_reader",
+    "score_pairs": "imagen_lib.data.shapes_pairs_reader",
     "read_shapes": "imagen_lib.data.shapes_reader",
     "score_shapes": "imagen_lib.data.shapes_reader",
     "ImageTextFolder": "imagen_lib.data.folder",
@@ -49,6 +54,8 @@ if TYPE_CHECKING:
     from imagen_lib.data.folder import ImageTextFolder
     from imagen_lib.data.precache import precache_captions, precache_shards
     from imagen_lib.data.shapes import ShapesDataset, collate_shapes, render, render_batch, sample_captions
+    from imagen_lib.data.shapes_pairs import ShapePairsDataset, render_pairs, sample_pair_captions
+    from imagen_lib.data.shapes_pairs_reader import read_pairs, score_pairs
     from imagen_lib.data.shapes_reader import read_shapes, score_shapes
     from imagen_lib.data.shards import ShardDataset, expand_urls, read_shard, write_shards
     from imagen_lib.data.transforms import ImageTransform

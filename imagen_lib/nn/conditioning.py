@@ -49,9 +49,14 @@ class TextConditioner(nn.Module):
         use_null_token: append a learned token that every row may attend to (so a caption-free row, the
             unconditional pass of classifier-free guidance, has a learned "no text" value).
         pooling: ``"attention"`` (learned per-token scores, masked softmax) or ``"mean"`` (masked mean).
+        positions: > 0: a learned embedding of each token's index (zero at first), added to the projected tokens
+            of captions up to this many tokens, so that attention can tell "a red circle left of a blue square"
+            from "a blue square left of a red circle" even when the encoder's tokens carry little order
+            (docs/composition.md); 0 (default): none.
     """
 
-    def __init__(self, text_embed_dim: int, cond_dim: int, use_null_token: bool, pooling: PoolingType):
+    def __init__(self, text_embed_dim: int, cond_dim: int, use_null_token: bool, pooling: PoolingType,
+                 positions: int = 0):
         super().__init__()
         if pooling not in POOLING_TYPES:
             raise ValueError(f"feature_pooling_type: expected one of {POOLING_TYPES}, got {pooling!r}")
@@ -61,6 +66,8 @@ class TextConditioner(nn.Module):
         # no bias: softmax over tokens is unchanged by a constant shift, so a bias would never learn
         self.pool_score = nn.Linear(cond_dim, 1, bias=False) if pooling == "attention" else None
         self.to_cond = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, cond_dim))
+        # zeros: the untrained net reads the text as without it, and no random numbers are drawn
+        self.position = nn.Parameter(torch.zeros(1, positions, cond_dim)) if positions > 0 else None
 
     def _pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
         weights = mask.to(tokens.dtype)[..., None]  # (B, N, 1)
@@ -73,6 +80,11 @@ class TextConditioner(nn.Module):
 
     def forward(self, text_embeds: Tensor, text_mask: Tensor) -> tuple[Tensor, TextContext]:
         tokens = self.proj(text_embeds.to(self.proj[1].weight.dtype))  # (B, N, D)
+        if self.position is not None:
+            if tokens.shape[1] > self.position.shape[1]:
+                raise ValueError(f"text_embeds: {tokens.shape[1]} tokens, but text_pos_emb embeds at most "
+                                 f"{self.position.shape[1]} positions")
+            tokens = tokens + self.position[:, : tokens.shape[1]].to(tokens.dtype)
         # zero padded positions so that nothing a caller stores there (even NaN) can leak through any path
         tokens = tokens.masked_fill(~text_mask[..., None], 0.0)
         mask = text_mask
@@ -128,12 +140,13 @@ class Conditioning(nn.Module):
             an int: Stable Diffusion's :class:`TimestepEmbedding` with this many features.
         text_conditioning: ``"projected"`` (default; :class:`TextConditioner`) or ``"raw"``
             (:class:`TextTokens`: the embeddings feed cross-attention unchanged, no pooled text, as in SD).
+        text_pos_emb: :class:`TextConditioner`'s ``positions`` (0, default: none).
     """
 
     def __init__(self, channels: int, cond_dim: int, noise_frequencies: int, learned_sinu_pos_emb_dim: int,
                  text_embed_dim: Optional[int], use_null_token: bool, feature_pooling_type: PoolingType,
                  lowres_cond: bool, timestep_embedding_dim: Optional[int] = None,
-                 text_conditioning: TextConditioningType = "projected"):
+                 text_conditioning: TextConditioningType = "projected", text_pos_emb: int = 0):
         super().__init__()
         if text_conditioning not in TEXT_CONDITIONING_TYPES:
             raise ValueError(f"text_conditioning: expected one of {TEXT_CONDITIONING_TYPES}, got {text_conditioning!r}")
@@ -153,7 +166,7 @@ class Conditioning(nn.Module):
         if text_embed_dim is not None and text_conditioning == "raw":
             self.text = TextTokens(text_embed_dim, use_null_token)
         elif text_embed_dim is not None:
-            self.text = TextConditioner(text_embed_dim, cond_dim, use_null_token, feature_pooling_type)
+            self.text = TextConditioner(text_embed_dim, cond_dim, use_null_token, feature_pooling_type, text_pos_emb)
         # the width of the tokens the attention layers read
         self.context_dim = None if self.text is None else (text_embed_dim if text_conditioning == "raw" else cond_dim)
 

@@ -143,6 +143,10 @@ class NetworkConfig:
             fractions of the image side; False, as Imagen). It lets a small net tie "top left" in a caption to
             a place: the shapes quickstart's base read positions at chance without it
             (docs/experiments/2026-11-29-s2-position-features.md).
+        text_pos_emb: > 0: a learned embedding of each text token's index (zero at first) added to the
+            projected tokens, for captions up to this many tokens (0: none, as Imagen). With a frozen encoder
+            whose tokens carry little word order it lets two-object captions bind each object to its place
+            (docs/composition.md).
     Stable Diffusion's options (docs/latent.md; each default keeps the Imagen networks as they were):
         timestep_embedding: noise levels embedded as SD's sinusoidal timestep features of width ``embed_dim``
             (cosines first, max period 10000; :class:`~imagen_lib.nn.layers.TimestepEmbedding`) instead of
@@ -179,6 +183,7 @@ class NetworkConfig:
     lowres_cond: bool = False
     stable_attention: bool = False
     attention_pos_emb: bool = False
+    text_pos_emb: int = 0
     timestep_embedding: bool = False
     text_conditioning: TextConditioningType = "projected"
     use_linear_in_transformer: bool = False
@@ -192,7 +197,7 @@ class NetworkConfig:
         "cond_on_text": _flag, "feature_pooling_type": _pooling, "learned_sinu_pos_emb_dim": _int,
         "dropout": _probability, "use_null_token": _flag, "init_conv_kernel_size": _odd_positive,
         "gradient_checkpointing": _flag, "scale_shift_norm": _flag, "resample_with_conv": _flag,
-        "lowres_cond": _flag, "stable_attention": _flag, "attention_pos_emb": _flag,
+        "lowres_cond": _flag, "stable_attention": _flag, "attention_pos_emb": _flag, "text_pos_emb": _int,
         "timestep_embedding": _flag, "text_conditioning": _text_conditioning, "use_linear_in_transformer": _flag,
         "transformer_depth": _positive,
     }
