@@ -15,6 +15,8 @@ import json
 import posixpath
 from typing import Any, Optional
 
+from imagen_lib.commands.guidance_flags import add_guidance_arguments, attach_guide, guidance_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder or fsspec URL (written by imagen-lib train)")
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="judge the output of this stage (0 = the base stage; default: the last stage)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_guidance_arguments(parser)
 
 
 def evaluate_cascade(
@@ -118,13 +121,18 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("imagen-lib eval-shapes: --n and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    guidance_arguments(args)  # checked before the checkpoint loads
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
+    guide_settings, guide_overrides = guidance_arguments(args, len(cascade.stages))
+    cascade = attach_guide(cascade, args, guide_settings, guide_overrides)
     sample_kwargs: dict[str, Optional[Any]] = {"steps": args.steps, "cond_scale": args.cond_scale,
-                                               "sampler": args.sampler, "stop_at_stage": args.stop_at_stage}
+                                               "sampler": args.sampler, "stop_at_stage": args.stop_at_stage,
+                                               **guide_settings, "stage_overrides": guide_overrides or None}
     report, texts, images = evaluate_cascade(cascade, args.n, args.seed, batch_size=args.batch_size, **sample_kwargs)
     checkpoint = str(args.checkpoint).rstrip("/")
     out = args.out or (checkpoint.rsplit("/", 1)[0] + "/eval-shapes" if "/" in checkpoint else "eval-shapes")
-    settings = {"checkpoint": str(args.checkpoint), "seed": args.seed, "ema": not args.no_ema, **sample_kwargs}
+    settings = {"checkpoint": str(args.checkpoint), "seed": args.seed, "ema": not args.no_ema, **sample_kwargs,
+                "guide_checkpoint": args.guide_checkpoint}
     json_path, png_path = write_results(out, report, texts, images, settings, grid=args.grid)
     print(format_report(report))
     print(f"eval-shapes: {args.n} prompts (seed {args.seed}); wrote {json_path} and {png_path}")

@@ -5,7 +5,8 @@ one, else on the CPU.
 
 ``--sampler``, ``--steps`` and ``--cond-scale`` take one value for every stage or ``STAGE=VALUE`` for one stage
 (repeatable: ``--steps 30 --steps 1=15``); ``--negative-prompt`` steers guidance away from a text;
-``--init-image`` with ``--strength`` starts the base stage from an image (SDEdit)."""
+``--init-image`` with ``--strength`` starts the base stage from an image (SDEdit); ``--guidance-interval``,
+``--autoguidance`` and ``--guide-checkpoint``: :mod:`imagen_lib.commands.guidance_flags`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
+
+from imagen_lib.commands.guidance_flags import add_guidance_arguments, attach_guide, guidance_arguments
 
 STAGE_OPTIONS = {"sampler": "--sampler", "steps": "--steps", "cond_scale": "--cond-scale"}
 
@@ -48,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text encoder for the prompts when the checkpoint holds none (trained on precomputed "
                              "embeddings): the same model the embeddings came from, a hub name or a local folder")
     add_encoder_options(parser)
+    add_guidance_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
@@ -185,6 +189,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"{option}: given without --encoder (it says how that encoder is built)")
     check_seed("--seed", args.seed)
     sampler_arguments(args)
+    guidance_arguments(args)
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength: given without --init-image (it sets how much of that image is kept)")
     check_number("--strength", args.strength, low=0, high=1, low_open=True, optional=True)
@@ -223,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
     cascade = attach_encoder(cascade, args, device)
+    cascade = attach_guide(cascade, args, *guidance_arguments(args, len(cascade.stages)))
     images = sample_all(cascade, prompts, args)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -240,6 +246,10 @@ def sample_all(cascade, prompts: list[str], args: argparse.Namespace):
     from imagen_lib.cascade import InitImages
 
     settings, overrides = sampler_arguments(args, len(cascade.stages))
+    more, more_overrides = guidance_arguments(args, len(cascade.stages))
+    settings.update(more)
+    for k, values in more_overrides.items():
+        overrides.setdefault(k, {}).update(values)
     init = None if args.init_image is None else read_init_image(args.init_image, cascade.channels, cascade.device)
     strength = 0.8 if args.strength is None else args.strength
     n = args.num_images_per_prompt
