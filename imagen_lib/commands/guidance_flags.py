@@ -11,6 +11,7 @@ takes that checkpoint's net of the same index.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any, Optional
 
 GUIDANCE_OPTIONS = {"guidance_interval": "--guidance-interval", "autoguidance_scale": "--autoguidance"}
@@ -29,6 +30,28 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guide-checkpoint", default=None, metavar="CHECKPOINT",
                         help="checkpoint whose networks guide the stages with --autoguidance (e.g. an earlier "
                              "checkpoint of the same run; its EMA weights unless --no-ema)")
+
+
+def stage_values(option: str, values: Optional[list[str]],
+                 parse: Callable[[str, str], Any]) -> tuple[Any, dict[int, Any]]:
+    """A repeatable per-stage option: ``VALUE`` for every stage (at most once) and ``STAGE=VALUE`` for one stage
+    (once per stage), as ``(value for every stage or None, {stage: value})``."""
+    every, per_stage = None, {}
+    for text in values or []:
+        stage, sep, value = text.partition("=")
+        if not sep:
+            if every is not None:
+                raise ValueError(f"{option}: given twice for every stage ({every!r} and {text!r}); use STAGE=VALUE "
+                                 "for single stages")
+            every = parse(option, text)
+            continue
+        if not stage.strip().isdigit():
+            raise ValueError(f"{option}: expected STAGE=VALUE with a stage index (0, 1, ...), got {text!r}")
+        k = int(stage)
+        if k in per_stage:
+            raise ValueError(f"{option}: stage {k} given twice")
+        per_stage[k] = parse(option, value)
+    return every, per_stage
 
 
 def _parse_interval(option: str, text: str) -> tuple[float, float]:
@@ -56,8 +79,6 @@ def guidance_arguments(args: argparse.Namespace, stages: Optional[int] = None) -
     """``--guidance-interval`` and ``--autoguidance`` as :meth:`Cascade.sample`'s call-wide settings and
     ``stage_overrides`` (every named stage must exist when ``stages`` is given); ``--autoguidance`` needs
     ``--guide-checkpoint`` and the reverse."""
-    from imagen_lib.commands.sample import stage_values
-
     parsers = {"guidance_interval": _parse_interval, "autoguidance_scale": _parse_weight}
     settings, overrides = {}, {}
     for name, option in GUIDANCE_OPTIONS.items():

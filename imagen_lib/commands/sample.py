@@ -11,11 +11,10 @@ one, else on the CPU.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from imagen_lib.commands.guidance_flags import add_guidance_arguments, attach_guide, guidance_arguments
+from imagen_lib.commands.guidance_flags import add_guidance_arguments, attach_guide, guidance_arguments, stage_values
 
 STAGE_OPTIONS = {"sampler": "--sampler", "steps": "--steps", "cond_scale": "--cond-scale"}
 
@@ -137,28 +136,6 @@ def _parse_sampler(option: str, text: str) -> str:
     if text not in SAMPLERS:
         raise ValueError(f"{option}: expected one of {sorted(SAMPLERS)} or STAGE=NAME, got {text!r}")
     return text
-
-
-def stage_values(option: str, values: Optional[list[str]],
-                 parse: Callable[[str, str], Any]) -> tuple[Any, dict[int, Any]]:
-    """A repeatable per-stage option: ``VALUE`` for every stage (at most once) and ``STAGE=VALUE`` for one stage
-    (once per stage), as ``(value for every stage or None, {stage: value})``."""
-    every, per_stage = None, {}
-    for text in values or []:
-        stage, sep, value = text.partition("=")
-        if not sep:
-            if every is not None:
-                raise ValueError(f"{option}: given twice for every stage ({every!r} and {text!r}); use STAGE=VALUE "
-                                 "for single stages")
-            every = parse(option, text)
-            continue
-        if not stage.strip().isdigit():
-            raise ValueError(f"{option}: expected STAGE=VALUE with a stage index (0, 1, ...), got {text!r}")
-        k = int(stage)
-        if k in per_stage:
-            raise ValueError(f"{option}: stage {k} given twice")
-        per_stage[k] = parse(option, value)
-    return every, per_stage
 
 
 def sampler_arguments(args: argparse.Namespace, stages: Optional[int] = None) -> tuple[dict, dict]:
