@@ -269,13 +269,15 @@ def check_guide_networks(guide_networks: Any, stages: Sequence[Any]) -> dict[int
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(stages):
             raise ValueError(f"guide_networks: stage {k!r} does not exist; expected indices in [0, {len(stages) - 1}]")
         check_protocol(net, Network, f"guide_networks[{k}]")
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"guide_networks[{k}]: expected a torch.nn.Module network, got {type(net).__name__}")
         own = stages[k].net
         for name in ("channels", "text_embed_dim", "lowres_cond"):
             if getattr(net, name, None) != getattr(own, name, None):
                 raise ValueError(f"guide_networks[{k}]: expected {name}={getattr(own, name, None)!r} like stage {k}'s "
                                  f"net, got {getattr(net, name, None)!r}")
-        device, own_device = next(net.parameters()).device, next(own.parameters()).device
-        if device != own_device:
+        device, own_device = (next((p.device for p in m.parameters()), None) for m in (net, own))
+        if None not in (device, own_device) and device != own_device:
             raise ValueError(f"guide_networks[{k}]: on {device}, stage {k}'s net on {own_device}; move it with .to()")
         checked[k] = net
     return checked
