@@ -110,6 +110,12 @@ def test_rows_straddling_the_interval_take_their_own_denoiser():
     assert torch.equal(den(x, torch.tensor(2.0)), x * 0 + 5.0) and calls == ["guided"]  # both ends belong to it
     calls.clear()
     assert torch.equal(den(x, torch.tensor(0.4)), x * 0 + 1.0) and calls == ["cond"]
+    with pytest.raises(ValueError, match=r"^sigma_lo, sigma_hi: expected sigma_lo <= sigma_hi, got 2.0, 1.0"):
+        guidance_interval(guided, conditional, 2.0, 1.0)
+    with pytest.raises(ValueError, match=r"^sigma_hi: expected a finite number >= 0"):
+        guidance_interval(guided, conditional, 0.0, float("inf"))
+    with pytest.raises(TypeError, match=r"^conditional: expected a callable denoiser"):
+        guidance_interval(guided, None, 0.0, 1.0)
 
 
 def test_interval_wrapper_equals_cfg_inside():

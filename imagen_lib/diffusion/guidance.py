@@ -145,7 +145,9 @@ def guidance_interval(guided: Denoiser, conditional: Denoiser, sigma_lo: float, 
     """
     _check_denoiser("guided", guided)
     _check_denoiser("conditional", conditional)
-    lo, hi = check_guidance_interval("interval", (sigma_lo, sigma_hi))
+    lo, hi = check_number("sigma_lo", sigma_lo, low=0), check_number("sigma_hi", sigma_hi, low=0)
+    if lo > hi:
+        raise ValueError(f"sigma_lo, sigma_hi: expected sigma_lo <= sigma_hi, got {lo}, {hi}")
 
     def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
         levels = _batch_sigma(sigma, x)
