@@ -35,7 +35,9 @@ from imagen_lib.sampling_options import (
     NegativePrompt,
     SamplerSettings,
     StartImages,
-    guidance_pair,
+    check_guide_networks,
+    eval_mode,
+    guided_denoiser,
     negative_rows,
     resize,
     sdedit_start,
@@ -97,6 +99,7 @@ class Cascade(nn.Module):
         self.text_encoder = text_encoder
         self.cond_drop_prob = float(cond_drop_prob)
         self._prompt_encoder: Optional[PromptEncoder] = None  # set by using(); None: the text encoder
+        self._guide_networks: dict[int, nn.Module] = {}  # set by using(): autoguidance's networks by stage
 
     @staticmethod
     def _check_stages(stages: list[Stage], text_encoder) -> None:
@@ -118,13 +121,16 @@ class Cascade(nn.Module):
 
     def using(
         self, networks: Optional[Sequence[nn.Module]] = None, text_encoder: Optional[PromptEncoder] = None,
+        guide_networks: Optional[Mapping[int, nn.Module]] = None,
     ) -> "Cascade":
         """A view of this cascade that runs other modules (e.g. the Trainer's EMA copies); the original is
         left untouched. ``networks``: one per stage with its stage's configuration, in place of the stages'
         nets; ``text_encoder``: any callable ``texts -> (text_embeds, text_mask)`` (a T5TextEncoder, a function)
-        that encodes prompts in place of the cascade's own. Both default to what this cascade uses. Everything
-        else is shared: processes, sampler settings, noise augmentation, ``cond_drop_prob`` and the text encoder
-        that :attr:`config` and checkpoints describe."""
+        that encodes prompts in place of the cascade's own; ``guide_networks``: ``{stage: network}``, the guiding
+        (worse) networks of autoguidance (``autoguidance_scale``), e.g. an earlier checkpoint's EMA net or a smaller
+        preset of that stage (:func:`~imagen_lib.sampling_options.check_guide_networks`). All default to what this
+        cascade uses. Everything else is shared: processes, sampler settings, noise augmentation,
+        ``cond_drop_prob`` and the text encoder that :attr:`config` and checkpoints describe."""
         stages = self.stages
         if networks is not None:
             networks = list(networks)
@@ -137,6 +143,8 @@ class Cascade(nn.Module):
             stages = [dataclasses.replace(st, net=net) for st, net in zip(stages, networks)]
         view = Cascade(stages, text_encoder=self.text_encoder, cond_drop_prob=self.cond_drop_prob)
         view.training = self.training  # the flag only: train() would reach into the shared modules
+        view._guide_networks = (dict(self._guide_networks) if guide_networks is None
+                                else check_guide_networks(guide_networks, stages))
         encoder = text_encoder if text_encoder is not None else self._prompt_encoder
         if encoder is not None:
             dim = getattr(encoder, "embed_dim", self.text_embed_dim)  # checked when the encoder says
@@ -345,22 +353,8 @@ class Cascade(nn.Module):
         return seed
 
     def _denoiser(self, k: int, net: nn.Module, settings: SamplerSettings, kwargs: dict):
-        """The stage's denoiser with classifier-free guidance and thresholding wrapped around it; the guidance's
-        unconditional rows see ``kwargs["negative"]`` (embeds, mask) when given, else the null text."""
-        diffusion = self.stages[k].diffusion
-        kwargs = dict(kwargs)
-        negative = kwargs.pop("negative", None)
-        guided = "text_embeds" in kwargs and settings.cond_scale != 1.0
-        if guided:  # doubled batch: conditional rows first, then the same rows with the negative or null text
-            doubled = {name: torch.cat([v, v]) for name, v in kwargs.items()}
-            doubled["text_embeds"], doubled["text_mask"] = guidance_pair(
-                kwargs["text_embeds"], kwargs["text_mask"], negative)
-            den = guidance.classifier_free_guidance(
-                diffusion.denoiser(net, **doubled), settings.cond_scale, settings.guidance_rescale
-            )
-        else:
-            den = diffusion.denoiser(net, **kwargs)
-        return guidance.thresholded(den, settings.threshold, settings.threshold_percentile, settings.threshold_max)
+        """The stage's denoiser with its guidance and thresholding: :func:`sampling_options.guided_denoiser`."""
+        return guided_denoiser(self.stages[k].diffusion, net, settings, kwargs, self._guide_networks.get(k), k)
 
     def _sample_stage(
         self, k: int, settings: SamplerSettings, cond: dict, prev: Optional[Tensor],
@@ -388,9 +382,7 @@ class Cascade(nn.Module):
             start = cascade_latent.encode_for_sampling(st, resize(init[0], st.image_size))
             sigmas, x = sdedit_start(st.diffusion, start, init[1], sigmas, generators, shape, self.device)
         options = {"generator": generators, **settings.options}
-        was_training = st.net.training
-        st.net.eval()
-        try:
+        with eval_mode(st.net, self._guide_networks.get(k)):
             den = self._denoiser(k, st.net, settings, kwargs)
             if inpaint is None:
                 x = sampler_fn(den, x, sigmas, disable_progress=disable_progress, **options)
@@ -399,8 +391,6 @@ class Cascade(nn.Module):
                 x = guidance.inpaint(sampler_fn, den, x, sigmas, images=images, masks=masks,
                                      disable_progress=disable_progress, **options)
             return cascade_latent.decode_output(st, x)
-        finally:
-            st.net.train(was_training)
 
     @staticmethod
     def _per_image(t: Tensor, prompts: int, per_prompt: int, name: str, device) -> Tensor:
@@ -477,7 +467,7 @@ class Cascade(nn.Module):
                 :class:`InitImages` for image-to-image (SDEdit) at the base stage (default None).
             inpaint: :class:`Inpainting` images and masks, RePaint at every stage (default None).
 
-        Other networks or another text encoder (the Trainer's EMA copies): ``cascade.using(...).sample(...)``.
+        Other networks, another text encoder or autoguidance's guide networks: ``cascade.using(...).sample(...)``.
         """
         first = 0 if not isinstance(start, StartImages) else self._stage_index(start.stage, "start.stage")
         last = self._stage_index(stop_at_stage, "stop_at_stage") if stop_at_stage is not None else len(self.stages) - 1

@@ -1,6 +1,7 @@
 """What :meth:`imagen_lib.cascade.Cascade.sample` is told besides the prompts: a stage's :class:`SamplerSettings`,
-:class:`StartImages` to begin at a super-resolution stage, :class:`Inpainting` images and masks; and
-:func:`resize`, the one way the cascade resizes images between stages.
+:class:`StartImages` to begin at a super-resolution stage, :class:`Inpainting` images and masks; :func:`resize`,
+the one way the cascade resizes images between stages; and :func:`guided_denoiser`, a stage's denoiser with its
+guidance (classifier-free, autoguidance, in an interval) and thresholding wrapped around it.
 
 Each checks its values when it is built (issue 23), with :mod:`imagen_lib.validation`: a bad value fails there,
 with a message that names the field, not later inside a sampler. All are re-exported by
@@ -10,7 +11,8 @@ with a message that names the field, not later inside a sampler. All are re-expo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imagen_lib.diffusion.guidance import INPAINT_OPTIONS
+from imagen_lib.diffusion import guidance
+from imagen_lib.diffusion.guidance import INPAINT_OPTIONS, check_guidance_interval
 from imagen_lib.diffusion.noise import Generator, randn
 from imagen_lib.diffusion.samplers import check_sampler_options, get_sampler
 from imagen_lib.validation import (
@@ -32,9 +35,8 @@ from imagen_lib.validation import (
 )
 
 __all__ = [
-    "InitImages", "Inpainting", "NegativePrompt", "SamplerSettings", "StartImages", "guidance_pair", "negative_rows",
-    "resize",
-    "sdedit_start",
+    "InitImages", "Inpainting", "NegativePrompt", "SamplerSettings", "StartImages", "check_guide_networks",
+    "eval_mode", "guidance_pair", "guided_denoiser", "negative_rows", "resize", "sdedit_start",
 ]
 
 THRESHOLDS = ("dynamic", "static", "none")
@@ -58,6 +60,11 @@ class SamplerSettings:
             stage while sampling; None (default) = the stage's ``lowres_aug.sample_level`` (0.2).
         options: extra keyword arguments of the sampler (``S_churn``, ``eta``, ...) or of RePaint inpainting
             (``resample_times``, ``jump_length``), default none; names and values are checked.
+        guidance_interval: ``(sigma_lo, sigma_hi)``, two finite levels ``0 <= lo <= hi`` of the samplers' VE sigma:
+            guidance (CFG and autoguidance) acts only for ``sigma_lo <= sigma <= sigma_hi`` and the conditional
+            network runs alone elsewhere (Kynkaanniemi et al. 2024); default None = guidance at every step.
+        autoguidance_scale: the autoguidance weight ``w`` (Karras et al. 2024), a finite number, default 1.0 =
+            off; other values need a guide network for the stage (:meth:`Cascade.using`'s ``guide_networks``).
     """
 
     sampler: Optional[str] = None
@@ -69,6 +76,8 @@ class SamplerSettings:
     threshold_max: Optional[float] = None
     lowres_aug_level: Optional[float] = None
     options: dict = field(default_factory=dict)
+    guidance_interval: Optional[tuple[float, float]] = None
+    autoguidance_scale: float = 1.0
 
     def __post_init__(self):
         if self.sampler is not None:
@@ -85,6 +94,8 @@ class SamplerSettings:
         check_number("threshold_max", self.threshold_max, low=1, optional=True)
         check_number("lowres_aug_level", self.lowres_aug_level, low=0, high=1, optional=True)
         self.options = check_sampler_options(self.options, self.sampler, extra=INPAINT_OPTIONS)
+        self.guidance_interval = check_guidance_interval("guidance_interval", self.guidance_interval)
+        self.autoguidance_scale = check_number("autoguidance_scale", self.autoguidance_scale)
         check_field_types(self)
 
     @property
@@ -243,3 +254,74 @@ def sdedit_start(diffusion: Any, images: Tensor, strength: float, sigmas: Tensor
     sigmas = sigmas[skip:]
     noise = randn(shape, generator, device, torch.float32)
     return sigmas, images.to(device, torch.float32) + float(sigmas[0]) * noise
+
+
+def check_guide_networks(guide_networks: Any, stages: Sequence[Any]) -> dict[int, Any]:
+    """``{stage: network}`` checked against the cascade's ``stages``: each a :class:`~imagen_lib.protocols.Network`
+    that takes the stage's inputs (the same channels, text width and low-resolution conditioning), on its net's
+    device; any configuration otherwise (a smaller preset, an earlier checkpoint's EMA)."""
+    from imagen_lib.protocols import Network, check_protocol
+
+    if not isinstance(guide_networks, Mapping):
+        raise TypeError(f"guide_networks: expected a mapping {{stage: network}}, got {type(guide_networks).__name__}")
+    checked = {}
+    for k, net in guide_networks.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(stages):
+            raise ValueError(f"guide_networks: stage {k!r} does not exist; expected indices in [0, {len(stages) - 1}]")
+        check_protocol(net, Network, f"guide_networks[{k}]")
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"guide_networks[{k}]: expected a torch.nn.Module network, got {type(net).__name__}")
+        own = stages[k].net
+        for name in ("channels", "text_embed_dim", "lowres_cond"):
+            if getattr(net, name, None) != getattr(own, name, None):
+                raise ValueError(f"guide_networks[{k}]: expected {name}={getattr(own, name, None)!r} like stage {k}'s "
+                                 f"net, got {getattr(net, name, None)!r}")
+        device, own_device = (next((p.device for p in m.parameters()), None) for m in (net, own))
+        if None not in (device, own_device) and device != own_device:
+            raise ValueError(f"guide_networks[{k}]: on {device}, stage {k}'s net on {own_device}; move it with .to()")
+        checked[k] = net
+    return checked
+
+
+@contextmanager
+def eval_mode(*modules: Optional[torch.nn.Module]):
+    """The given modules (None skipped) in eval mode inside the block, each back in its own mode after."""
+    modules = [m for m in modules if m is not None]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+
+
+def guided_denoiser(diffusion: Any, net: Any, settings: SamplerSettings, kwargs: dict, guide: Any = None,
+                    stage: int = 0) -> Callable[[Tensor, Tensor], Tensor]:
+    """Stage ``stage``'s denoiser: ``diffusion.denoiser(net, **kwargs)`` with classifier-free guidance (when the
+    nets take text and ``cond_scale != 1``; its unconditional rows see ``kwargs["negative"]`` (embeds, mask) when
+    given, else the null text), autoguidance by the network ``guide`` (``autoguidance_scale != 1``), both only in
+    ``guidance_interval`` when set, and thresholding wrapped around it (:mod:`imagen_lib.diffusion.guidance`)."""
+    kwargs = dict(kwargs)
+    negative = kwargs.pop("negative", None)
+    cfg = "text_embeds" in kwargs and settings.cond_scale != 1.0
+    auto = settings.autoguidance_scale != 1.0
+    if auto and guide is None:
+        raise ValueError(f"autoguidance_scale: stage {stage} samples with {settings.autoguidance_scale} but has no "
+                         f"guide network; pass Cascade.using(guide_networks={{{stage}: network}})")
+    conditional = diffusion.denoiser(net, **kwargs)
+    den = conditional
+    if cfg:  # doubled batch: conditional rows first, then the same rows with the negative or null text
+        doubled = {name: torch.cat([v, v]) for name, v in kwargs.items()}
+        doubled["text_embeds"], doubled["text_mask"] = guidance_pair(kwargs["text_embeds"], kwargs["text_mask"],
+                                                                     negative)
+        den = diffusion.denoiser(net, **doubled)
+    if auto:
+        den = guidance.autoguidance(den, diffusion.denoiser(guide, **kwargs), settings.autoguidance_scale,
+                                    settings.cond_scale if cfg else 1.0, settings.guidance_rescale)
+    elif cfg:
+        den = guidance.classifier_free_guidance(den, settings.cond_scale, settings.guidance_rescale)
+    if (cfg or auto) and settings.guidance_interval is not None:
+        den = guidance.guidance_interval(den, conditional, *settings.guidance_interval)
+    return guidance.thresholded(den, settings.threshold, settings.threshold_percentile, settings.threshold_max)

@@ -6,6 +6,8 @@ the classical judge of :mod:`imagen_lib.data.shapes_reader`, and reports for eac
 images that show it among those whose caption mentions it, and the share with every mentioned attribute
 right. Prints a table and writes ``eval_shapes.json`` and ``eval_shapes.png`` (a captioned grid; a wrong
 reading is noted after the caption) to ``--out`` (default: ``eval-shapes`` beside the checkpoint folder).
+``--steps``, ``--cond-scale`` and ``--sampler`` take one value for every stage or ``STAGE=VALUE`` for one, as in
+``imagen-lib sample`` (``--cond-scale 0=6`` guides the base harder and leaves a super-resolution stage as saved).
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ import json
 import posixpath
 from typing import Any, Optional
 
+from imagen_lib.commands.guidance_flags import add_guidance_arguments, attach_guide, guidance_arguments
+from imagen_lib.commands.sample import STAGE_OPTIONS, add_stage_options, sampler_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder or fsspec URL (written by imagen-lib train)")
     parser.add_argument("--n", type=int, default=200, help="captions to draw and sample (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the captions and of the sampling (default 0)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="sampling steps for every stage (default: the checkpoint's)")
-    parser.add_argument("--cond-scale", type=float, default=None, help="guidance scale (default: the checkpoint's)")
-    parser.add_argument("--sampler", default=None, help="sampler name (default: the checkpoint's)")
+    add_stage_options(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once (default 32)")
     parser.add_argument("--grid", type=int, default=64, help="images shown in the grid PNG (default 64)")
     parser.add_argument("--out", default=None,
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objects", type=int, choices=(1, 2), default=None,
                         help="2: judge shape-pair captions, seen and held-out (default: 2 when the run trained on "
                              "data type shape_pairs, else 1)")
+    add_guidance_arguments(parser)
 
 
 def evaluate_cascade(
@@ -122,15 +125,22 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("imagen-lib eval-shapes: --n and --batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sampler_arguments(args), guidance_arguments(args)  # checked before the checkpoint loads
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
-    sample_kwargs: dict[str, Optional[Any]] = {"steps": args.steps, "cond_scale": args.cond_scale,
-                                               "sampler": args.sampler, "stop_at_stage": args.stop_at_stage}
+    stage_settings, overrides = sampler_arguments(args, len(cascade.stages))
+    guide_settings, guide_overrides = guidance_arguments(args, len(cascade.stages))
+    for k, values in guide_overrides.items():
+        overrides.setdefault(k, {}).update(values)
+    cascade = attach_guide(cascade, args, guide_settings, guide_overrides)
+    sample_kwargs: dict[str, Optional[Any]] = {name: stage_settings.get(name) for name in STAGE_OPTIONS}
+    sample_kwargs.update(stop_at_stage=args.stop_at_stage, **guide_settings, stage_overrides=overrides or None)
     checkpoint = str(args.checkpoint).rstrip("/")
     out = args.out or (checkpoint.rsplit("/", 1)[0] + "/eval-shapes" if "/" in checkpoint else "eval-shapes")
     if (args.objects or config_objects(checkpoint)) == 2:
         return run_pairs(args, cascade, sample_kwargs, out)
     report, texts, images = evaluate_cascade(cascade, args.n, args.seed, batch_size=args.batch_size, **sample_kwargs)
-    settings = {"checkpoint": str(args.checkpoint), "seed": args.seed, "ema": not args.no_ema, **sample_kwargs}
+    settings = {"checkpoint": str(args.checkpoint), "seed": args.seed, "ema": not args.no_ema, **sample_kwargs,
+                "guide_checkpoint": args.guide_checkpoint}
     json_path, png_path = write_results(out, report, texts, images, settings, grid=args.grid)
     print(format_report(report))
     print(f"eval-shapes: {args.n} prompts (seed {args.seed}); wrote {json_path} and {png_path}")

@@ -5,14 +5,16 @@ one, else on the CPU.
 
 ``--sampler``, ``--steps`` and ``--cond-scale`` take one value for every stage or ``STAGE=VALUE`` for one stage
 (repeatable: ``--steps 30 --steps 1=15``); ``--negative-prompt`` steers guidance away from a text;
-``--init-image`` with ``--strength`` starts the base stage from an image (SDEdit)."""
+``--init-image`` with ``--strength`` starts the base stage from an image (SDEdit); ``--guidance-interval``,
+``--autoguidance`` and ``--guide-checkpoint``: :mod:`imagen_lib.commands.guidance_flags`."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+from imagen_lib.commands.guidance_flags import add_guidance_arguments, attach_guide, guidance_arguments, stage_values
 
 STAGE_OPTIONS = {"sampler": "--sampler", "steps": "--steps", "cond_scale": "--cond-scale"}
 
@@ -25,15 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--steps", action="append", default=None, metavar="N|STAGE=N",
-                        help="sampling steps for every stage, or STAGE=N for one (repeatable; default: the "
-                             "checkpoint's)")
-    parser.add_argument("--cond-scale", action="append", default=None, metavar="S|STAGE=S",
-                        help="classifier-free guidance scale for every stage, or STAGE=S for one (repeatable; "
-                             "default: the checkpoint's; 1 = no guidance)")
-    parser.add_argument("--sampler", action="append", default=None, metavar="NAME|STAGE=NAME",
-                        help="sampler for every stage, or STAGE=NAME for one (repeatable): euler, heun, "
-                             "euler_ancestral, ddim, dpmpp_2m (default: the checkpoint's)")
+    add_stage_options(parser)
     parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
                         help="guidance steers away from this text instead of the empty one (all prompts)")
     parser.add_argument("--init-image", type=Path, default=None, metavar="PATH",
@@ -48,7 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text encoder for the prompts when the checkpoint holds none (trained on precomputed "
                              "embeddings): the same model the embeddings came from, a hub name or a local folder")
     add_encoder_options(parser)
+    add_guidance_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def add_stage_options(parser: argparse.ArgumentParser) -> None:
+    """``--steps``, ``--cond-scale`` and ``--sampler``: one value for every stage or ``STAGE=VALUE`` for one
+    (also ``imagen-lib eval-shapes``'s; read back with :func:`sampler_arguments`)."""
+    parser.add_argument("--steps", action="append", default=None, metavar="N|STAGE=N",
+                        help="sampling steps for every stage, or STAGE=N for one (repeatable; default: the "
+                             "checkpoint's)")
+    parser.add_argument("--cond-scale", action="append", default=None, metavar="S|STAGE=S",
+                        help="classifier-free guidance scale for every stage, or STAGE=S for one (repeatable; "
+                             "default: the checkpoint's; 1 = no guidance)")
+    parser.add_argument("--sampler", action="append", default=None, metavar="NAME|STAGE=NAME",
+                        help="sampler for every stage, or STAGE=NAME for one (repeatable): euler, heun, "
+                             "euler_ancestral, ddim, dpmpp_2m (default: the checkpoint's)")
 
 
 def add_encoder_options(parser: argparse.ArgumentParser) -> None:
@@ -135,28 +144,6 @@ def _parse_sampler(option: str, text: str) -> str:
     return text
 
 
-def stage_values(option: str, values: Optional[list[str]],
-                 parse: Callable[[str, str], Any]) -> tuple[Any, dict[int, Any]]:
-    """A repeatable per-stage option: ``VALUE`` for every stage (at most once) and ``STAGE=VALUE`` for one stage
-    (once per stage), as ``(value for every stage or None, {stage: value})``."""
-    every, per_stage = None, {}
-    for text in values or []:
-        stage, sep, value = text.partition("=")
-        if not sep:
-            if every is not None:
-                raise ValueError(f"{option}: given twice for every stage ({every!r} and {text!r}); use STAGE=VALUE "
-                                 "for single stages")
-            every = parse(option, text)
-            continue
-        if not stage.strip().isdigit():
-            raise ValueError(f"{option}: expected STAGE=VALUE with a stage index (0, 1, ...), got {text!r}")
-        k = int(stage)
-        if k in per_stage:
-            raise ValueError(f"{option}: stage {k} given twice")
-        per_stage[k] = parse(option, value)
-    return every, per_stage
-
-
 def sampler_arguments(args: argparse.Namespace, stages: Optional[int] = None) -> tuple[dict, dict]:
     """``--sampler``, ``--steps`` and ``--cond-scale`` as :meth:`Cascade.sample`'s call-wide settings and its
     ``stage_overrides``; with ``stages``, every named stage must exist."""
@@ -185,6 +172,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"{option}: given without --encoder (it says how that encoder is built)")
     check_seed("--seed", args.seed)
     sampler_arguments(args)
+    guidance_arguments(args)
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength: given without --init-image (it sets how much of that image is kept)")
     check_number("--strength", args.strength, low=0, high=1, low_open=True, optional=True)
@@ -223,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cascade = Cascade.from_checkpoint(str(args.checkpoint), use_ema=not args.no_ema, device=device)
     cascade = attach_encoder(cascade, args, device)
+    cascade = attach_guide(cascade, args, *guidance_arguments(args, len(cascade.stages)))
     images = sample_all(cascade, prompts, args)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -240,6 +229,10 @@ def sample_all(cascade, prompts: list[str], args: argparse.Namespace):
     from imagen_lib.cascade import InitImages
 
     settings, overrides = sampler_arguments(args, len(cascade.stages))
+    more, more_overrides = guidance_arguments(args, len(cascade.stages))
+    settings.update(more)
+    for k, values in more_overrides.items():
+        overrides.setdefault(k, {}).update(values)
     init = None if args.init_image is None else read_init_image(args.init_image, cascade.channels, cascade.device)
     strength = 0.8 if args.strength is None else args.strength
     n = args.num_images_per_prompt
