@@ -229,3 +229,22 @@ def test_a_stage_the_checkpoint_lacks_is_named(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"^--guidance-interval: stage 2 does not exist; this checkpoint has "
                                          r"stages 0 to 1"):
         main(["sample", checkpoint, "--prompt", "a", "--out", str(tmp_path / "o"), "--guidance-interval", "2=0", "1"])
+
+
+def test_eval_shapes_guides_one_stage_and_leaves_the_other_as_saved(checkpoint, tmp_path):
+    """``--cond-scale 0=6`` reaches the base stage only (a single value would guide every stage), together with
+    a per-stage interval; the judged images are the cascade's own samples under the same overrides."""
+    from imagen_lib.commands.eval_shapes import evaluate_cascade
+
+    out = tmp_path / "eval"
+    flags = ["--cond-scale", "0=6", "--guidance-interval", "0=0.1", "2.5"]
+    assert main(["eval-shapes", checkpoint, "--n", "2", "--out", str(out), *flags]) == 0
+    record = json.loads((out / "eval_shapes.json").read_text())
+    assert record["cond_scale"] is None
+    assert record["stage_overrides"] == {"0": {"cond_scale": 6.0, "guidance_interval": [0.1, 2.5]}}
+    cascade = Cascade.from_checkpoint(checkpoint)
+    overrides = {0: {"cond_scale": 6.0, "guidance_interval": (0.1, 2.5)}}
+    report, _, _ = evaluate_cascade(cascade, 2, 0, progress=False, stage_overrides=overrides)
+    assert report["all_correct"] == record["all_correct"]
+    with pytest.raises(ValueError, match=r"^--cond-scale: stage 5 does not exist"):
+        main(["eval-shapes", checkpoint, "--n", "2", "--out", str(out), "--cond-scale", "5=2"])
