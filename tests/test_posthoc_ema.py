@@ -254,3 +254,22 @@ def test_the_ema_command_writes_a_loadable_checkpoint_refuses_to_overwrite_and_s
                  "--json", str(tmp_path / "sweep.json")]) == 0
     table = capsys.readouterr().out
     assert "classic" in table and "sigma 0.05" in table and "sigma 0.12" in table and "all right" in table
+
+
+def test_a_stage_trained_in_its_own_process_keeps_its_snapshots(tmp_path):
+    import contextlib
+    import io
+    import json
+
+    config = tiny_config(steps=4)
+    config["parallel_stages"] = {"threads_per_stage": 1, "join_at_step": 2}
+    config["trainer"].update(posthoc_ema={"sigma_rels": [0.05, 0.10], "snapshot_every": 2})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(tmp_path / "config.json"), "--out", str(tmp_path / "run"), "--no-progress",
+                     "--cpu"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoint"
+    snapshots = ph.list_snapshots(checkpoint)
+    assert [(s.stage, s.step) for s in snapshots[::2]] == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    assert len({s.run_id for s in snapshots}) == 2  # the background stage's process is another run
+    assert set(reconstruct_ema(checkpoint, 0.07)) == {0, 1}
