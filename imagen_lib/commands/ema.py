@@ -82,6 +82,8 @@ def sweep(checkpoint: str, sigma_rels: list[float], *, step: Optional[int] = Non
                 ckpt.load_weights(cascade.stages[k].net, weights, where)
         report, _, _ = evaluate_cascade(cascade, n, seed, batch_size=batch_size, progress=progress)
         rows.append({"ema": label, "all_correct": report["all_correct"], "accuracy": report["accuracy"]})
+        if progress:
+            print(f"ema {label}: {100 * report['all_correct']:.1f}% all right", flush=True)
     return rows
 
 
