@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("imagen_lib.commands.sample", "generate images for prompts from a checkpoint"),
     "eval-shapes": ("imagen_lib.commands.eval_shapes", "score a checkpoint on captions of the shapes data set"),
     "precache": ("imagen_lib.commands.precache", "encode captions once with a T5 and store the embeddings"),
+    "ema": ("imagen_lib.commands.ema", "post-hoc EMA: reconstruct an EMA length from a run's snapshots, or sweep them"),
 }
 
 

@@ -36,6 +36,8 @@ from imagen_lib.validation import check_int
 POINTER = "latest"
 CONFIG_FILE = "config.json"
 FORMAT = "imagen_lib-checkpoint-1"
+# beside the versions, never swept and no sign of a foreign folder: post-hoc EMA snapshots (training.posthoc_ema)
+POSTHOC_FOLDER = "posthoc_ema"
 _VERSION = re.compile(r"^v(\d{6,})-(?:([A-Za-z0-9][A-Za-z0-9._-]*)-)?([0-9a-f]{8})$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _OLD_SIBLING = r"^{name}\.(tmp|old)-[0-9a-f]{{8}}$"  # the two-rename protocol of older imagen_lib versions
@@ -98,7 +100,7 @@ def inspect(store: Store, where: str) -> _State:
         return _State("versioned", pointer, pointer.get("run_id"), versions)
     if CONFIG_FILE in entries and not entries[CONFIG_FILE]:
         return _State("flat", None, _flat_run_id(store, where), versions)
-    ours = set(versions) | {n for n in entries if n.startswith(POINTER_TMP)}
+    ours = set(versions) | {POSTHOC_FOLDER} | {n for n in entries if n.startswith(POINTER_TMP)}
     return _State("empty" if set(entries) <= ours else "foreign", versions=versions)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from imagen_lib.training.compilation import check_compile
+from imagen_lib.training.posthoc_ema import PostHocEMASettings, check_settings
 from imagen_lib.validation import check_int, check_number
 
 __all__ = ["TrainerSettings", "lr_factor"]
@@ -50,6 +51,9 @@ class TrainerSettings:
         compile: ``torch.compile`` each stage's network for training: True (the inductor backend), a backend
             name (``"aot_eager"``, ...; :data:`~imagen_lib.training.compilation.BACKENDS`) or False [False]. See
             :mod:`imagen_lib.training.compilation`.
+        posthoc_ema: track power-function EMAs and store snapshots of them for post-hoc EMA (EDM2), a
+            :class:`~imagen_lib.training.posthoc_ema.PostHocEMASettings` or a dict ``{sigma_rels: [0.05, 0.10],
+            snapshot_every: 500}`` [None: off; the classic EMA above is used either way].
     """
 
     lr: Union[float, Sequence[float]] = 1e-4
@@ -74,6 +78,7 @@ class TrainerSettings:
     gradient_accumulation_steps: int = 1
     fsdp: bool = False
     compile: Union[bool, str] = False
+    posthoc_ema: Optional[PostHocEMASettings] = None
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -89,6 +94,7 @@ class TrainerSettings:
         self.gradient_accumulation_steps = check_int("gradient_accumulation_steps", self.gradient_accumulation_steps,
                                                      low=1)
         self.compile = check_compile(self.compile)
+        self.posthoc_ema = check_settings(self.posthoc_ema)
         for name in ("fused_optimizer", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")

@@ -39,6 +39,7 @@ from imagen_lib.cascade_checkpoint import write_cascade_checkpoint
 from imagen_lib.training import accumulation, compilation, nonfinite, sharding, tracking, trainer_state
 from imagen_lib.training.data_order import DataOrder, DataPosition, start_position
 from imagen_lib.training.nonfinite import NonFiniteLossError
+from imagen_lib.training.posthoc_ema import PostHocTracker
 from imagen_lib.training.settings import TrainerSettings, lr_factor
 from imagen_lib.validation import check_int, check_seed
 
@@ -180,6 +181,8 @@ class Trainer:
         self.text_ema = EMA(encoder.model, **ema_kwargs) if self.train_text else None  # shared by all stages
         self.text_wrapper = acc.prepare_model(encoder) if self.train_text else None
         self.sharded = sharding.is_sharded(acc, self.train_text, s.fsdp)  # FSDP 2: imagen_lib.training.sharding
+        nets = [stage.net for stage in self.cascade.stages]  # post-hoc EMA (EDM2), None when off: .posthoc_ema
+        self.posthoc_ema = PostHocTracker.for_trainer(s.posthoc_ema, nets, self.sharded)
         self.stages: list[StageState] = []
         for k, stage in enumerate(self.cascade.stages):
             groups = [{"params": [p for p in stage.net.parameters() if p.requires_grad], "lr": lrs[k]}]
@@ -320,6 +323,8 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         state.step += 1
         state.ema.update()
+        if self.posthoc_ema is not None:
+            self.posthoc_ema.update(k)
         if self.text_ema is not None:
             self.text_ema.update()
 
@@ -409,8 +414,8 @@ class Trainer:
         save_every = check_int("save_every", save_every, low=0, optional=True)
         save_every = self.settings.save_every if save_every is None else save_every
         sample_seed = check_seed("sample_seed", sample_seed)
-        if (sample_every or save_every) and out_dir is None:
-            raise ValueError("out_dir: needed to write samples or checkpoints")
+        if (sample_every or save_every or self.posthoc_ema) and out_dir is None:
+            raise ValueError("out_dir: needed to write samples, checkpoints or post-hoc EMA snapshots")
         state = self.stages[k]
         order = self._data_order(dataloader, state, start_batch)
         if state.horizon is None:
@@ -454,6 +459,8 @@ class Trainer:
             grid = self.write_samples(Path(out_dir) / "samples" / f"stage{k}-{state.step:06d}.png", sample_prompts,
                                       stop_at_stage=k, seed=sample_seed)
             tracking.log_image(self.accelerator, f"stage{k}/samples", grid, state.step)
+        if self.posthoc_ema is not None:
+            self.posthoc_ema.after_step(k, Path(out_dir) / "checkpoint", self.run_id, self.is_main_process)
         if save_every and done % save_every == 0:
             self.save(Path(out_dir) / "checkpoint")
 
@@ -500,6 +507,8 @@ class Trainer:
             modules["text_encoder.ema"] = self.text_ema.ema_model
         # under FSDP gathered collectively (whole tensors on the main process); else each module's state_dict()
         files = {name: sharding.full_state_dict(module, self.sharded) for name, module in modules.items()}
+        posthoc = self.posthoc_ema.state(self.run_id) if self.posthoc_ema is not None else ({}, {})
+        files.update(posthoc[0])
         optimizers = [sharding.optimizer_state(net.net, st.optimizer, self.sharded)
                       for net, st in zip(self.cascade.stages, self.stages)]
         # on every process, so all of them raise together
@@ -507,7 +516,7 @@ class Trainer:
         if self.is_main_process:
             tensors, state = trainer_state.trainer_state(self, optimizers)
             files["trainer"] = tensors
-            write_cascade_checkpoint(self.cascade, path, tensors=files, json_files={"trainer": state},
+            write_cascade_checkpoint(self.cascade, path, tensors=files, json_files={"trainer": state, **posthoc[1]},
                                      overwrite=overwrite, run_id=self.run_id, **self._version_options())
         self.accelerator.wait_for_everyone()  # entered by every process
         self._mark_saved(path)
@@ -545,6 +554,8 @@ class Trainer:
         state = trainer_state.check_trainer_json(ckpt.read_json(path, "trainer"), self.num_stages, path)
         for k in chosen:
             trainer_state.load_stage(self, path, k, state, tensors)
+        if self.posthoc_ema is not None:
+            self.posthoc_ema.load(path, chosen, state["steps"], self.device)
         if partial:
             return self
         if self.train_text:
