@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_cascade import T5_KWARGS, tiny_cascade, tiny_config
+from tiny_cascade import perturbed_checkpoint, tiny_cascade, tiny_config
 
 from imagen_lib.cascade import Cascade, SamplerSettings
 from imagen_lib.cli import main
@@ -16,7 +16,6 @@ from imagen_lib.diffusion import DiscreteDiffusion, ElucidatedDiffusion, Gaussia
 from imagen_lib.diffusion.guidance import check_guidance_interval, classifier_free_guidance, guidance_interval
 from imagen_lib.diffusion.samplers import get_sampler
 from imagen_lib.sampling_options import guided_denoiser
-from imagen_lib.text import T5TextEncoder
 
 PROCESSES = [ElucidatedDiffusion(), GaussianDiffusionContinuous(), DiscreteDiffusion()]
 
@@ -185,13 +184,7 @@ def test_cascade_sample_skips_the_unconditional_pass_outside_the_interval():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    encoder = T5TextEncoder.build_tiny(seed=0, max_length=16, **T5_KWARGS)
-    cascade = tiny_cascade(text_encoder=encoder)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # fresh nets zero their output layers: perturb them so settings show in the images
-        for p in cascade.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return cascade.save(tmp_path_factory.mktemp("ckpt") / "checkpoint")
+    return perturbed_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint")
 
 
 def test_cli_interval_reaches_the_sampler_in_sample_and_eval_shapes(checkpoint, tmp_path):

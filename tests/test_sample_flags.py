@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_cascade import T5_KWARGS, tiny_cascade
+from tiny_cascade import perturbed_checkpoint
 
 from imagen_lib.cascade import Cascade, InitImages
 from imagen_lib.cli import main
 from imagen_lib.commands.sample import add_arguments, sampler_arguments
-from imagen_lib.text import T5TextEncoder
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -62,13 +61,7 @@ def test_init_image_and_strength_are_checked(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    encoder = T5TextEncoder.build_tiny(seed=0, max_length=16, **T5_KWARGS)
-    cascade = tiny_cascade(text_encoder=encoder)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # fresh nets zero their output layers: perturb them so settings show in the images
-        for p in cascade.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return cascade.save(tmp_path_factory.mktemp("ckpt") / "checkpoint")
+    return perturbed_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint")
 
 
 def read_images(folder, count: int) -> torch.Tensor:

@@ -55,6 +55,19 @@ def tiny_cascade(text_encoder=None, text_embed_dim: Optional[int] = TEXT_DIM, se
     return cascade
 
 
+def perturbed_checkpoint(folder: Path) -> str:
+    """Save a tiny cascade with a tiny T5 into ``folder``, its weights perturbed (fresh nets zero their output
+    layers) so that sampling settings show in the images; returns the checkpoint path."""
+    from imagen_lib.text import T5TextEncoder
+
+    cascade = tiny_cascade(text_encoder=T5TextEncoder.build_tiny(seed=0, max_length=16, **T5_KWARGS))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in cascade.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return cascade.save(folder)
+
+
 def tiny_encoder_folder(folder: Path) -> Path:
     """Save a tiny random T5 encoder + ByT5 tokenizer into ``folder`` (as a user's own T5 would be)."""
     from imagen_lib.text import T5TextEncoder

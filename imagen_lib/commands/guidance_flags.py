@@ -65,7 +65,8 @@ def _parse_interval(option: str, text: str) -> tuple[float, float]:
     return check_guidance_interval(option, values)
 
 
-def _parse_weight(option: str, text: str) -> float:
+def parse_number(option: str, text: str) -> float:
+    """A number flag's ``VALUE`` (of ``VALUE`` or ``STAGE=VALUE``), finite, named ``option`` in errors."""
     from imagen_lib.validation import check_number
 
     try:
@@ -79,7 +80,7 @@ def guidance_arguments(args: argparse.Namespace, stages: Optional[int] = None) -
     """``--guidance-interval`` and ``--autoguidance`` as :meth:`Cascade.sample`'s call-wide settings and
     ``stage_overrides`` (every named stage must exist when ``stages`` is given); ``--autoguidance`` needs
     ``--guide-checkpoint`` and the reverse."""
-    parsers = {"guidance_interval": _parse_interval, "autoguidance_scale": _parse_weight}
+    parsers = {"guidance_interval": _parse_interval, "autoguidance_scale": parse_number}
     settings, overrides = {}, {}
     for name, option in GUIDANCE_OPTIONS.items():
         given = getattr(args, name, None)

@@ -14,7 +14,13 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from imagen_lib.commands.guidance_flags import add_guidance_arguments, attach_guide, guidance_arguments, stage_values
+from imagen_lib.commands.guidance_flags import (
+    add_guidance_arguments,
+    attach_guide,
+    guidance_arguments,
+    parse_number,
+    stage_values,
+)
 
 STAGE_OPTIONS = {"sampler": "--sampler", "steps": "--steps", "cond_scale": "--cond-scale"}
 
@@ -126,16 +132,6 @@ def _parse_int(option: str, text: str) -> int:
     return check_int(option, value, low=1)
 
 
-def _parse_float(option: str, text: str) -> float:
-    from imagen_lib.validation import check_number
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{option}: expected a number or STAGE=NUMBER, got {text!r}") from None
-    return check_number(option, value)
-
-
 def _parse_sampler(option: str, text: str) -> str:
     from imagen_lib.diffusion.samplers import SAMPLERS
 
@@ -147,7 +143,7 @@ def _parse_sampler(option: str, text: str) -> str:
 def sampler_arguments(args: argparse.Namespace, stages: Optional[int] = None) -> tuple[dict, dict]:
     """``--sampler``, ``--steps`` and ``--cond-scale`` as :meth:`Cascade.sample`'s call-wide settings and its
     ``stage_overrides``; with ``stages``, every named stage must exist."""
-    parsers = {"sampler": _parse_sampler, "steps": _parse_int, "cond_scale": _parse_float}
+    parsers = {"sampler": _parse_sampler, "steps": _parse_int, "cond_scale": parse_number}
     settings, overrides = {}, {}
     for name, option in STAGE_OPTIONS.items():
         every, per_stage = stage_values(option, getattr(args, name), parsers[name])

@@ -310,13 +310,12 @@ class ShapesDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         drawn = [self._draw(int(i)) for i in indices]
-        images = render_batch(
-            [d[1] for d in drawn],
-            self.image_size,
-            jitter=np.stack([d[2] for d in drawn]).reshape(-1, 3),
-            supersample=self.supersample,
-        )
+        images = self._render([d[1] for d in drawn], np.stack([d[2] for d in drawn]))
         return [{"images": img, "texts": text, "attributes": attrs} for img, (text, attrs, _) in zip(images, drawn)]
+
+    def _render(self, attributes: list[dict[str, Any]], jitter: np.ndarray) -> torch.Tensor:
+        """Images of the drawn items in one vectorised call (a subclass draws other scenes)."""
+        return render_batch(attributes, self.image_size, jitter=jitter.reshape(-1, 3), supersample=self.supersample)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]

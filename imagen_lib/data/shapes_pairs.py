@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from imagen_lib.data.shapes import (
     BACKGROUND_SENTENCE,
@@ -31,8 +30,8 @@ from imagen_lib.data.shapes import (
     SHAPES,
     SIZE_JITTER,
     SIZE_WORDS,
+    ShapesDataset,
     _coverage,
-    collate_shapes,
 )
 from imagen_lib.data.shapes import vocabulary as single_vocabulary
 
@@ -235,9 +234,10 @@ def render_pairs(
 # The data set
 
 
-class ShapePairsDataset(Dataset):
+class ShapePairsDataset(ShapesDataset):
     """Captioned shape pairs; items are ``{"images": (3, H, W) in [-1, 1], "texts": str, "attributes": dict}``
-    (the attributes of :func:`random_pair_attributes`).
+    (the attributes of :func:`random_pair_attributes`). Loading, collating and batching are the one-object data
+    set's; the drawing and the scenes are its own.
 
     Args:
         image_size: side of the square images in pixels (default 64).
@@ -246,8 +246,6 @@ class ShapePairsDataset(Dataset):
         supersample: antialiasing factor of the renderer (default 4).
         split: ``"train"`` (default: never a held-out colour combination) or ``"heldout"`` (only those).
     """
-
-    collate_fn = staticmethod(collate_shapes)
 
     def __init__(self, image_size: int = 64, length: int = 100_000, seed: int = 0, supersample: int = 4,
                  split: Literal["train", "heldout"] = "train"):
@@ -259,9 +257,6 @@ class ShapePairsDataset(Dataset):
         self.image_size, self.length, self.seed = image_size, length, int(seed)
         self.supersample, self.split = supersample, split
 
-    def __len__(self) -> int:
-        return self.length
-
     def _draw(self, index: int) -> tuple[str, dict[str, Any], np.ndarray]:
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} is out of range for a data set of length {self.length}")
@@ -270,18 +265,8 @@ class ShapePairsDataset(Dataset):
         jitter = rng.random(6)
         return make_pair_caption(attributes, rng), attributes, jitter
 
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        drawn = [self._draw(int(i)) for i in indices]
-        images = render_pairs([d[1] for d in drawn], self.image_size,
-                              jitter=np.stack([d[2] for d in drawn]).reshape(-1, 6), supersample=self.supersample)
-        return [{"images": img, "texts": text, "attributes": attrs} for img, (text, attrs, _) in zip(images, drawn)]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])[0]
-
-    def batch(self, indices: Sequence[int]) -> dict[str, Any]:
-        """The collated batch dict of the given items (what a DataLoader with ``collate_fn`` yields)."""
-        return collate_shapes(self.__getitems__(indices))
+    def _render(self, attributes: list[dict[str, Any]], jitter: np.ndarray) -> torch.Tensor:
+        return render_pairs(attributes, self.image_size, jitter=jitter.reshape(-1, 6), supersample=self.supersample)
 
     def __repr__(self) -> str:
         return (f"ShapePairsDataset(image_size={self.image_size}, length={self.length}, seed={self.seed}, "
