@@ -17,6 +17,7 @@ from imagen_lib import checkpoint as ckpt
 from imagen_lib.cascade import Cascade
 from imagen_lib.checkpoint.files import looks_pickled
 from imagen_lib.cli import entry_point, main
+from imagen_lib.commands.eval_shapes import evaluate_cascade
 from imagen_lib.config import trainer_settings
 from imagen_lib.training import posthoc_ema as ph
 from imagen_lib.training.posthoc_ema import PostHocEMASettings, PostHocTracker, reconstruct_ema, relative_error
@@ -254,6 +255,13 @@ def test_the_ema_command_writes_a_loadable_checkpoint_refuses_to_overwrite_and_s
                  "--json", str(tmp_path / "sweep.json")]) == 0
     table = capsys.readouterr().out
     assert "classic" in table and "sigma 0.05" in table and "sigma 0.12" in table and "all right" in table
+    from imagen_lib.commands.ema import sweep
+
+    base_rows = sweep(checkpoint, [0.05], n=3, batch_size=3, progress=False, stop_at_stage=0)
+    cascade = Cascade.from_checkpoint(checkpoint)
+    base_report, _, images = evaluate_cascade(cascade, 3, 0, batch_size=3, progress=False, stop_at_stage=0)
+    assert images.shape[-1] == cascade.stages[0].image_size  # judged at the base's size
+    assert base_rows[0]["ema"] == "classic" and base_rows[0]["accuracy"] == base_report["accuracy"]
 
 
 def test_a_stage_trained_in_its_own_process_keeps_its_snapshots(tmp_path):

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=200, help="--sweep: captions judged per length (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="--sweep: seed of captions and sampling (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="--sweep: images sampled at once (default 32)")
+    parser.add_argument("--stop-at-stage", type=int, default=None,
+                        help="--sweep: judge the output of this stage (0 = the base; default: the last stage), e.g. "
+                             "for a run that trained only the base (--stages 0)")
     parser.add_argument("--json", default=None, help="--sweep: also write the table as JSON to this file")
     parser.add_argument("--device", default=None, help="--sweep: torch device (default: cuda when available)")
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         raise ValueError("--out: only with --sigma-rel (a sweep writes no checkpoint; --json writes its table)")
     rows = sweep(args.checkpoint, args.sweep, step=args.step, from_sigma_rels=args.from_sigma_rels, n=args.n,
-                 seed=args.seed, batch_size=args.batch_size, device=args.device)
+                 seed=args.seed, batch_size=args.batch_size, device=args.device, stop_at_stage=args.stop_at_stage)
     print(format_sweep(rows, args.n, args.seed))
     if args.json:
         with open(args.json, "w") as handle:
@@ -59,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
 
 def sweep(checkpoint: str, sigma_rels: list[float], *, step: Optional[int] = None,
           from_sigma_rels: Optional[list[float]] = None, n: int = 200, seed: int = 0, batch_size: int = 32,
-          device: Optional[str] = None, progress: bool = True) -> list[dict[str, Any]]:
+          device: Optional[str] = None, progress: bool = True, stop_at_stage: Optional[int] = None,
+          ) -> list[dict[str, Any]]:
     """Judge the checkpoint's classic EMA and the reconstruction of each of ``sigma_rels`` on ``n`` shapes
-    captions (seed ``seed``; :func:`imagen_lib.commands.eval_shapes.evaluate_cascade`); one row each:
-    ``{"ema", "all_correct", "accuracy"}``."""
+    captions (seed ``seed``; :func:`imagen_lib.commands.eval_shapes.evaluate_cascade`) at the output of
+    ``stop_at_stage`` (default: the last stage); one row each: ``{"ema", "all_correct", "accuracy"}``."""
     import torch
 
     from imagen_lib import checkpoint as ckpt
@@ -80,7 +84,8 @@ def sweep(checkpoint: str, sigma_rels: list[float], *, step: Optional[int] = Non
             for k, weights in reconstructions[label].items():
                 where = f"the reconstruction of stage {k} (sigma_rel {label})"
                 ckpt.load_weights(cascade.stages[k].net, weights, where)
-        report, _, _ = evaluate_cascade(cascade, n, seed, batch_size=batch_size, progress=progress)
+        report, _, _ = evaluate_cascade(cascade, n, seed, batch_size=batch_size, progress=progress,
+                                        stop_at_stage=stop_at_stage)
         rows.append({"ema": label, "all_correct": report["all_correct"], "accuracy": report["accuracy"]})
         if progress:
             print(f"ema {label}: {100 * report['all_correct']:.1f}% all right", flush=True)
