@@ -65,6 +65,23 @@ def _parse_interval(option: str, text: str) -> tuple[float, float]:
     return check_guidance_interval(option, values)
 
 
+def stage_settings(options: dict[str, str], texts: dict[str, Optional[list[str]]],
+                   parsers: dict[str, Callable[[str, str], Any]], stages: Optional[int] = None) -> tuple[dict, dict]:
+    """Several per-stage options at once: ``options`` maps each setting's name to its flag, ``texts`` to the flag's
+    values as given. Returns ``(call-wide settings, stage_overrides)``; with ``stages``, every named stage must
+    exist."""
+    settings, overrides = {}, {}
+    for name, option in options.items():
+        every, per_stage = stage_values(option, texts[name], parsers[name])
+        if every is not None:
+            settings[name] = every
+        for k, value in per_stage.items():
+            if stages is not None and k >= stages:
+                raise ValueError(f"{option}: stage {k} does not exist; this checkpoint has stages 0 to {stages - 1}")
+            overrides.setdefault(k, {})[name] = value
+    return settings, overrides
+
+
 def parse_number(option: str, text: str) -> float:
     """A number flag's ``VALUE`` (of ``VALUE`` or ``STAGE=VALUE``), finite, named ``option`` in errors."""
     from imagen_lib.validation import check_number
@@ -81,17 +98,10 @@ def guidance_arguments(args: argparse.Namespace, stages: Optional[int] = None) -
     ``stage_overrides`` (every named stage must exist when ``stages`` is given); ``--autoguidance`` needs
     ``--guide-checkpoint`` and the reverse."""
     parsers = {"guidance_interval": _parse_interval, "autoguidance_scale": parse_number}
-    settings, overrides = {}, {}
-    for name, option in GUIDANCE_OPTIONS.items():
-        given = getattr(args, name, None)
-        texts = None if given is None else [",".join(pair) for pair in given] if name == "guidance_interval" else given
-        every, per_stage = stage_values(option, texts, parsers[name])
-        if every is not None:
-            settings[name] = every
-        for k, value in per_stage.items():
-            if stages is not None and k >= stages:
-                raise ValueError(f"{option}: stage {k} does not exist; this checkpoint has stages 0 to {stages - 1}")
-            overrides.setdefault(k, {})[name] = value
+    intervals = getattr(args, "guidance_interval", None)
+    texts = {"guidance_interval": None if intervals is None else [",".join(pair) for pair in intervals],
+             "autoguidance_scale": getattr(args, "autoguidance_scale", None)}
+    settings, overrides = stage_settings(GUIDANCE_OPTIONS, texts, parsers, stages)
     if args.autoguidance_scale is not None and args.guide_checkpoint is None:
         raise ValueError("--autoguidance: given without --guide-checkpoint (the networks that guide)")
     if args.guide_checkpoint is not None and args.autoguidance_scale is None:

@@ -19,7 +19,7 @@ from imagen_lib.commands.guidance_flags import (
     attach_guide,
     guidance_arguments,
     parse_number,
-    stage_values,
+    stage_settings,
 )
 
 STAGE_OPTIONS = {"sampler": "--sampler", "steps": "--steps", "cond_scale": "--cond-scale"}
@@ -144,16 +144,8 @@ def sampler_arguments(args: argparse.Namespace, stages: Optional[int] = None) ->
     """``--sampler``, ``--steps`` and ``--cond-scale`` as :meth:`Cascade.sample`'s call-wide settings and its
     ``stage_overrides``; with ``stages``, every named stage must exist."""
     parsers = {"sampler": _parse_sampler, "steps": _parse_int, "cond_scale": parse_number}
-    settings, overrides = {}, {}
-    for name, option in STAGE_OPTIONS.items():
-        every, per_stage = stage_values(option, getattr(args, name), parsers[name])
-        if every is not None:
-            settings[name] = every
-        for k, value in per_stage.items():
-            if stages is not None and k >= stages:
-                raise ValueError(f"{option}: stage {k} does not exist; this checkpoint has stages 0 to {stages - 1}")
-            overrides.setdefault(k, {})[name] = value
-    return settings, overrides
+    texts = {name: getattr(args, name) for name in STAGE_OPTIONS}
+    return stage_settings(STAGE_OPTIONS, texts, parsers, stages)
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ box-filtered down (antialiasing by area coverage), so edges are smooth at every 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -142,11 +142,20 @@ def sample_captions(n: int, seed: int = 0) -> tuple[list[str], list[dict[str, An
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     rng = np.random.default_rng([int(seed), 0x5CA9])  # a stream apart from the data set's items
+    return draw_captions(n, rng, random_attributes, make_caption)
+
+
+def draw_captions(
+    n: int, rng: np.random.Generator, draw_attributes: Callable[[np.random.Generator], dict[str, Any]],
+    caption: Callable[[dict[str, Any], np.random.Generator], str],
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """``n`` (caption, attributes) pairs from ``rng``: ``draw_attributes(rng)``, then ``caption(attributes, rng)``,
+    in that order for each item (the order fixes every seeded caption set). Returns ``(texts, attributes)``."""
     texts, records = [], []
     for _ in range(n):
-        attributes = random_attributes(rng)
+        attributes = draw_attributes(rng)
         records.append(attributes)
-        texts.append(make_caption(attributes, rng))
+        texts.append(caption(attributes, rng))
     return texts, records
 
 

@@ -32,6 +32,7 @@ from imagen_lib.data.shapes import (
     SIZE_WORDS,
     ShapesDataset,
     _coverage,
+    draw_captions,
 )
 from imagen_lib.data.shapes import vocabulary as single_vocabulary
 
@@ -144,12 +145,7 @@ def sample_pair_captions(n: int, seed: int = 0, split: str = "heldout") -> tuple
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     rng = np.random.default_rng([int(seed), 0x9A125, SPLITS.index(split)])
-    texts, records = [], []
-    for _ in range(n):
-        attributes = random_pair_attributes(rng, split)
-        records.append(attributes)
-        texts.append(make_pair_caption(attributes, rng))
-    return texts, records
+    return draw_captions(n, rng, lambda r: random_pair_attributes(r, split), make_pair_caption)
 
 
 def _check_pair(attributes: dict[str, Any]) -> None:
