@@ -11,9 +11,9 @@ captions first; a wrong reading is noted after the caption) under the output fol
 
 from __future__ import annotations
 
-import json
-import posixpath
 from typing import Any, Optional
+
+from imagen_lib.commands.judging import sample_in_batches, write_json
 
 # the report's split names -> the data set's
 PAIR_SPLITS: dict[str, str] = {"seen": "train", "heldout": "heldout"}
@@ -44,8 +44,6 @@ def evaluate_pairs(
     :func:`~imagen_lib.data.shapes_pairs_reader.score_pairs` report with the drawn ``attributes`` added, the
     captions and the images (n, 3, H, W) in [0, 1]. ``sample_kwargs`` go to ``cascade.sample``.
     """
-    import torch
-    from tqdm.auto import tqdm
 
     from imagen_lib.data.shapes_pairs import sample_pair_captions
     from imagen_lib.data.shapes_pairs_reader import score_pairs
@@ -55,12 +53,8 @@ def evaluate_pairs(
     results = {}
     for name, split in PAIR_SPLITS.items():
         texts, attributes = sample_pair_captions(n, seed=seed, split=split)
-        images = []
-        for start in tqdm(range(0, n, batch_size), desc=f"eval-pairs {name}", unit="batch", disable=not progress):
-            out = cascade.sample(texts=texts[start : start + batch_size], seed=seed + start, disable_progress=True,
-                                 **sample_kwargs)
-            images.append(out.float().cpu())
-        images = torch.cat(images)
+        images = sample_in_batches(cascade, texts, seed, batch_size=batch_size, progress=progress,
+                                   desc=f"eval-pairs {name}", **sample_kwargs)
         report = score_pairs(images, attributes, value_range=(0.0, 1.0))
         report["attributes"] = attributes
         results[name] = (report, texts, images)
@@ -79,7 +73,6 @@ def _grid_captions(texts: list[str], report: dict) -> list[str]:
 
 def write_pair_results(out: str, results: dict, settings: dict, grid: int = 64) -> tuple[str, str]:
     """Write ``eval_pairs.json`` and ``eval_pairs.png`` under ``out`` (any fsspec URL); returns their paths."""
-    import fsspec
     import torch
 
     from imagen_lib.images import captioned_grid, save_png
@@ -89,11 +82,7 @@ def write_pair_results(out: str, results: dict, settings: dict, grid: int = 64) 
         per_image = [{"text": t, "attributes": a, "reading": r, "correct": c}
                      for t, a, r, c in zip(texts, report["attributes"], report["readings"], report["correct"])]
         summary["splits"][name] = {"n": report["n"], "accuracy": report["accuracy"], "images": per_image}
-    json_path = f"{out.rstrip('/')}/eval_pairs.json"
-    fs, path = fsspec.core.url_to_fs(json_path)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as handle:
-        json.dump(summary, handle, indent=1)
+    json_path = write_json(f"{out.rstrip('/')}/eval_pairs.json", summary)
     order = ["heldout", "seen"]
     shown = [max(grid // 2, 1)] * 2
     images = torch.cat([results[k][2][:m] for k, m in zip(order, shown)])

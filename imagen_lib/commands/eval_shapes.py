@@ -13,11 +13,10 @@ reading is noted after the caption) to ``--out`` (default: ``eval-shapes`` besid
 from __future__ import annotations
 
 import argparse
-import json
-import posixpath
 from typing import Any, Optional
 
 from imagen_lib.commands.guidance_flags import add_guidance_arguments, attach_guide, guidance_arguments
+from imagen_lib.commands.judging import sample_in_batches, write_json
 from imagen_lib.commands.sample import STAGE_OPTIONS, add_stage_options, sampler_arguments
 
 
@@ -55,8 +54,6 @@ def evaluate_cascade(
     Returns ``(report, texts, images)``: the :func:`~imagen_lib.data.shapes_reader.score_shapes` report with
     the drawn ``attributes`` added, the captions, and the images (n, 3, H, W) in [0, 1].
     """
-    import torch
-    from tqdm.auto import tqdm
 
     from imagen_lib.data.shapes import sample_captions
     from imagen_lib.data.shapes_reader import score_shapes
@@ -64,12 +61,7 @@ def evaluate_cascade(
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
     texts, attributes = sample_captions(n, seed=seed)
-    images = []
-    for start in tqdm(range(0, n, batch_size), desc="eval-shapes", unit="batch", disable=not progress):
-        chunk = texts[start : start + batch_size]
-        out = cascade.sample(texts=chunk, seed=seed + start, disable_progress=True, **sample_kwargs)
-        images.append(out.float().cpu())
-    images = torch.cat(images)
+    images = sample_in_batches(cascade, texts, seed, batch_size=batch_size, progress=progress, **sample_kwargs)
     report = score_shapes(images, attributes, value_range=(0.0, 1.0))
     report["attributes"] = attributes
     return report, texts, images
@@ -92,7 +84,6 @@ def write_results(
     out: str, report: dict, texts: list[str], images: Any, settings: dict, grid: int = 64,
 ) -> tuple[str, str]:
     """Write ``eval_shapes.json`` and ``eval_shapes.png`` under ``out`` (any fsspec URL); returns their paths."""
-    import fsspec
 
     from imagen_lib.images import captioned_grid, save_png
 
@@ -104,11 +95,7 @@ def write_results(
     summary = {**settings, "n": report["n"], "accuracy": report["accuracy"], "mentioned": report["mentioned"],
                "all_correct": report["all_correct"], "one_shape": report["one_shape"],
                "all_correct_one_shape": report["all_correct_one_shape"], "images": per_image}
-    json_path = f"{out.rstrip('/')}/eval_shapes.json"
-    fs, path = fsspec.core.url_to_fs(json_path)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)  # fsspec paths are '/'-separated everywhere
-    with fs.open(path, "w") as handle:
-        json.dump(summary, handle, indent=1)
+    json_path = write_json(f"{out.rstrip('/')}/eval_shapes.json", summary)
     shown = min(grid, len(texts))
     sheet = captioned_grid(images[:shown], _grid_captions(texts, report)[:shown], nrow=8, max_lines=5)
     png_path = save_png(f"{out.rstrip('/')}/eval_shapes.png", sheet)
