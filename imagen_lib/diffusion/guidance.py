@@ -51,6 +51,14 @@ def _rescaled(out: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * (out * (std_cond / std_out)) + (1 - rescale) * out
 
 
+def _cfg_outputs(denoiser: Denoiser, x: Tensor, sigma, cond_scale: float) -> tuple[Tensor, Tensor]:
+    """(conditional output, guided output ``cond + (cond_scale - 1) (cond - uncond)``) of a denoiser built on
+    the doubled batch (conditional rows first), from one batched forward of ``x`` twice."""
+    sigma = _batch_sigma(sigma, x)
+    cond, uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
+    return cond, cond + (cond - uncond) * (cond_scale - 1)
+
+
 def classifier_free_guidance(denoiser: Denoiser, cond_scale: float, rescale: float = 0.0) -> Denoiser:
     """Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper.
 
@@ -70,10 +78,8 @@ def classifier_free_guidance(denoiser: Denoiser, cond_scale: float, rescale: flo
     _check_rescale(rescale)
 
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
-        sigma = _batch_sigma(sigma, x)
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]))
-        cond, uncond = both.chunk(2)
-        return _rescaled(cond + (cond - uncond) * (cond_scale - 1), cond, rescale)
+        cond, out = _cfg_outputs(denoiser, x, sigma, cond_scale)
+        return _rescaled(out, cond, rescale)
 
     return guided
 
@@ -109,9 +115,7 @@ def autoguidance(
 
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
         if cond_scale != 1.0:
-            sigma = _batch_sigma(sigma, x)
-            cond, uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
-            out = cond + (cond - uncond) * (cond_scale - 1)
+            cond, out = _cfg_outputs(denoiser, x, sigma, cond_scale)
         else:
             cond = out = denoiser(x, sigma)
         out = out + (cond - guide(x, sigma)) * (weight - 1)
@@ -196,8 +200,7 @@ def thresholded(
     max_value: Optional[float] = None,
 ) -> Denoiser:
     """Apply a thresholding ``method`` to the denoiser's output, so every sampler gets it."""
-    if not callable(denoiser):
-        raise TypeError(f"denoiser: expected a callable denoiser(x, sigma), got {type(denoiser).__name__}")
+    _check_denoiser("denoiser", denoiser)
     if method == "dynamic":
         _check_threshold(percentile, max_value)  # now, not at the first step
     if method == "none":
