@@ -19,7 +19,6 @@ from imagen_lib.config.schema import (
     FolderData,
     NetworkBlock,
     RunConfig,
-    ShapePairsData,
     ShapesData,
     ShardsData,
     StageConfig,
@@ -172,7 +171,7 @@ def _text_embed_dim(run: RunConfig, encoder) -> Optional[int]:
     """The nets' text width: the encoder's, else ``text_embed_dim``, else the precomputed embeddings'; the
     precomputed embeddings must agree with the first two."""
     given = encoder.embed_dim if encoder is not None else run.text_embed_dim
-    if isinstance(run.data, (ShapesData, ShapePairsData)):
+    if isinstance(run.data, ShapesData):  # ShapePairsData too
         return given
     stored = precomputed_text_dim(run)
     if stored is not None and given is not None and stored != given:

@@ -232,20 +232,12 @@ class ShapesData:
 
 
 @dataclass(kw_only=True)
-class ShapePairsData:
+class ShapePairsData(ShapesData):
     """``data: {type: shape_pairs}``: :class:`~imagen_lib.data.shapes_pairs.ShapePairsDataset`, two shapes and
-    their relation (its defaults; ``split`` ``train``: never a held-out colour combination)."""
+    their relation: the fields of ``shapes`` and ``split`` (``train``: never a held-out colour combination)."""
 
     type: Literal["shape_pairs"] = "shape_pairs"
-    length: int = 100_000
-    seed: int = 0
-    supersample: int = 4
     split: Literal["train", "heldout"] = "train"
-    num_workers: int = 0
-
-    def __post_init__(self):
-        _at_least("num_workers", self.num_workers, 0)
-        check_seed("seed", self.seed)
 
 
 @dataclass(kw_only=True)
