@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from imagen_lib.data.shapes_pairs import (
+    COLOR_NAMES,
     HELDOUT_COLOR_PAIRS,
     RELATION_PHRASES,
     RELATIONS,
@@ -54,9 +55,26 @@ def test_the_judge_catches_a_swapped_arrangement_and_a_missing_shape():
     report = score_pairs(images, attributes)
     assert report["accuracy"]["relation"] == 0.0 and report["accuracy"]["everything"] == 0.0
     assert report["accuracy"]["color"] == 1.0 and report["accuracy"]["two_shapes"] == 1.0
+    assert report["accuracy"]["relation_given_colors"] == 0.0  # the binding failure, told apart from colour
     blank = torch.full((1, 3, 48, 48), 0.5)
     row = judge_pair(read_pairs(blank)[0], attributes[0])
     assert not row["everything"] and not row["two_shapes"] and not row["relation"]
+
+
+def test_relation_given_colors_counts_only_images_with_both_colours_right():
+    _, attributes = sample_pair_captions(6, seed=2, split="heldout")
+    def third_colour(a):
+        return next(c for c in COLOR_NAMES if c not in (a["objects"][0]["color"], a["objects"][1]["color"]))
+
+    # the first object drawn in a colour the caption does not name: colours wrong, not counted
+    recoloured = [{**a, "objects": [{**a["objects"][0], "color": third_colour(a)}, a["objects"][1]]}
+                  for a in attributes[:2]]
+    swapped = [{**a, "relation": {"left of": "right of", "right of": "left of", "above": "below",
+                                  "below": "above"}[a["relation"]]} for a in attributes[2:3]]
+    images = (render_pairs([*recoloured, *swapped, *attributes[3:]], 48) + 1) / 2
+    accuracy = score_pairs(images, attributes)["accuracy"]
+    assert accuracy["relation_given_colors"] == pytest.approx(3 / 4)  # 3 right of the 4 with both colours right
+    assert accuracy["color"] == pytest.approx(10 / 12)
 
 
 def test_relation_between_reads_the_farther_apart_axis():

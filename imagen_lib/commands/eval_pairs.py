@@ -4,8 +4,9 @@ caption asks for, on seen and on held-out colour combinations.
 Draws N captions from each split of the shape-pairs grammar (``seen``: the training combinations, ``heldout``:
 the colour arrangements never trained on; :mod:`imagen_lib.data.shapes_pairs`) with a fixed seed, samples one
 image per caption (image ``i`` of a split uses seed + i), reads each with the pair judge
-(:mod:`imagen_lib.data.shapes_pairs_reader`) and reports per-object, relation and everything-right accuracy
-and the share with exactly two shapes, per split. Writes ``eval_pairs.json`` and ``eval_pairs.png`` (held-out
+(:mod:`imagen_lib.data.shapes_pairs_reader`) and reports per-object, relation and everything-right accuracy,
+the share with exactly two shapes and ``relation_given_colors`` (the relation among the images whose two
+colours are right: whether order binds to place), per split. Writes ``eval_pairs.json`` and ``eval_pairs.png`` (held-out
 captions first; a wrong reading is noted after the caption) under the output folder.
 """
 

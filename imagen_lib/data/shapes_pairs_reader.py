@@ -141,7 +141,7 @@ def judge_pair(reading: dict[str, Any], wanted: dict[str, Any]) -> dict[str, boo
 
 
 SCORE_KEYS: tuple[str, ...] = ("color", "shape", "size", "relation", "background", "everything", "two_shapes",
-                               "everything_two_shapes")
+                               "everything_two_shapes", "relation_given_colors")
 
 
 def score_pairs(images: Any, attributes: Sequence[dict[str, Any]],
@@ -150,8 +150,10 @@ def score_pairs(images: Any, attributes: Sequence[dict[str, Any]],
 
     ``accuracy``: ``color``, ``shape`` (over the 2n objects), ``size`` (over the objects whose size the caption
     names), ``relation``, ``background`` (where named), ``everything`` (both objects' colour and shape and the
-    relation right), ``two_shapes`` (exactly two shapes drawn) and ``everything_two_shapes`` (both), each a
-    share or None where nothing was asked. Returns ``{"n", "accuracy", "readings", "correct"}``.
+    relation right), ``two_shapes`` (exactly two shapes drawn), ``everything_two_shapes`` (both) and
+    ``relation_given_colors`` (the relation among the images with both colours right: whether order binds to
+    place, apart from drawing the colours), each a share or None where nothing was asked.
+    Returns ``{"n", "accuracy", "readings", "correct"}``.
     """
     readings = read_pairs(images, value_range)
     if len(readings) != len(attributes):
@@ -162,6 +164,8 @@ def score_pairs(images: Any, attributes: Sequence[dict[str, Any]],
         for key, ok in row.items():
             hits[key.rstrip("01")].append(ok)
         hits["everything_two_shapes"].append(row["everything"] and row["two_shapes"])
+        if row["color0"] and row["color1"]:  # binding: where each colour went, once both colours are drawn
+            hits["relation_given_colors"].append(row["relation"])
     accuracy = {key: (sum(v) / len(v) if v else None) for key, v in hits.items()}
     return {"n": len(readings), "accuracy": accuracy, "readings": readings, "correct": correct}
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from imagen_lib.nn.attention import TextContext, make_text_context
 from imagen_lib.nn.layers import NoiseEmbedding, TimestepEmbedding, mlp
+from imagen_lib.nn.text_refiner import TextRefiner
 
 PoolingType = Literal["attention", "mean"]
 POOLING_TYPES = ("attention", "mean")
@@ -53,10 +54,14 @@ class TextConditioner(nn.Module):
             of captions up to this many tokens, so that attention can tell "a red circle left of a blue square"
             from "a blue square left of a red circle" even when the encoder's tokens carry little order
             (docs/composition.md); 0 (default): none.
+        layers: > 0: that many learned self-attention blocks over the projected tokens (after the index
+            embedding; :class:`~imagen_lib.nn.text_refiner.TextRefiner`, the identity when untrained), so the
+            net can work out what each token means in its caption, e.g. where a colour word's object goes;
+            0 (default): none.
     """
 
     def __init__(self, text_embed_dim: int, cond_dim: int, use_null_token: bool, pooling: PoolingType,
-                 positions: int = 0):
+                 positions: int = 0, layers: int = 0):
         super().__init__()
         if pooling not in POOLING_TYPES:
             raise ValueError(f"feature_pooling_type: expected one of {POOLING_TYPES}, got {pooling!r}")
@@ -68,6 +73,8 @@ class TextConditioner(nn.Module):
         self.to_cond = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, cond_dim))
         # zeros: the untrained net reads the text as without it, and no random numbers are drawn
         self.position = nn.Parameter(torch.zeros(1, positions, cond_dim)) if positions > 0 else None
+        # built last: without it every other weight is drawn exactly as before
+        self.refiner = TextRefiner(cond_dim, layers) if layers > 0 else None
 
     def _pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
         weights = mask.to(tokens.dtype)[..., None]  # (B, N, 1)
@@ -85,6 +92,8 @@ class TextConditioner(nn.Module):
                 raise ValueError(f"text_embeds: {tokens.shape[1]} tokens, but text_pos_emb embeds at most "
                                  f"{self.position.shape[1]} positions")
             tokens = tokens + self.position[:, : tokens.shape[1]].to(tokens.dtype)
+        if self.refiner is not None:
+            tokens = self.refiner(tokens, text_mask)
         # zero padded positions so that nothing a caller stores there (even NaN) can leak through any path
         tokens = tokens.masked_fill(~text_mask[..., None], 0.0)
         mask = text_mask
@@ -141,12 +150,14 @@ class Conditioning(nn.Module):
         text_conditioning: ``"projected"`` (default; :class:`TextConditioner`) or ``"raw"``
             (:class:`TextTokens`: the embeddings feed cross-attention unchanged, no pooled text, as in SD).
         text_pos_emb: :class:`TextConditioner`'s ``positions`` (0, default: none).
+        text_layers: :class:`TextConditioner`'s ``layers`` (0, default: none).
     """
 
     def __init__(self, channels: int, cond_dim: int, noise_frequencies: int, learned_sinu_pos_emb_dim: int,
                  text_embed_dim: Optional[int], use_null_token: bool, feature_pooling_type: PoolingType,
                  lowres_cond: bool, timestep_embedding_dim: Optional[int] = None,
-                 text_conditioning: TextConditioningType = "projected", text_pos_emb: int = 0):
+                 text_conditioning: TextConditioningType = "projected", text_pos_emb: int = 0,
+                 text_layers: int = 0):
         super().__init__()
         if text_conditioning not in TEXT_CONDITIONING_TYPES:
             raise ValueError(f"text_conditioning: expected one of {TEXT_CONDITIONING_TYPES}, got {text_conditioning!r}")
@@ -166,7 +177,8 @@ class Conditioning(nn.Module):
         if text_embed_dim is not None and text_conditioning == "raw":
             self.text = TextTokens(text_embed_dim, use_null_token)
         elif text_embed_dim is not None:
-            self.text = TextConditioner(text_embed_dim, cond_dim, use_null_token, feature_pooling_type, text_pos_emb)
+            self.text = TextConditioner(text_embed_dim, cond_dim, use_null_token, feature_pooling_type, text_pos_emb,
+                                        text_layers)
         # the width of the tokens the attention layers read
         self.context_dim = None if self.text is None else (text_embed_dim if text_conditioning == "raw" else cond_dim)
 

@@ -147,6 +147,9 @@ class NetworkConfig:
             projected tokens, for captions up to this many tokens (0: none, as Imagen). With a frozen encoder
             whose tokens carry little word order it lets two-object captions bind each object to its place
             (docs/composition.md).
+        text_layers: learned self-attention blocks over the projected text tokens, inside the net (0: none,
+            as Imagen; :mod:`imagen_lib.nn.text_refiner`): with a frozen encoder they work out where each
+            object of a two-object caption goes (docs/composition.md).
     Stable Diffusion's options (docs/latent.md; each default keeps the Imagen networks as they were):
         timestep_embedding: noise levels embedded as SD's sinusoidal timestep features of width ``embed_dim``
             (cosines first, max period 10000; :class:`~imagen_lib.nn.layers.TimestepEmbedding`) instead of
@@ -184,6 +187,7 @@ class NetworkConfig:
     stable_attention: bool = False
     attention_pos_emb: bool = False
     text_pos_emb: int = 0
+    text_layers: int = 0
     timestep_embedding: bool = False
     text_conditioning: TextConditioningType = "projected"
     use_linear_in_transformer: bool = False
@@ -198,6 +202,7 @@ class NetworkConfig:
         "dropout": _probability, "use_null_token": _flag, "init_conv_kernel_size": _odd_positive,
         "gradient_checkpointing": _flag, "scale_shift_norm": _flag, "resample_with_conv": _flag,
         "lowres_cond": _flag, "stable_attention": _flag, "attention_pos_emb": _flag, "text_pos_emb": _int,
+        "text_layers": _int,
         "timestep_embedding": _flag, "text_conditioning": _text_conditioning, "use_linear_in_transformer": _flag,
         "transformer_depth": _positive,
     }

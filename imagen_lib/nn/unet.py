@@ -69,7 +69,8 @@ class UnetBase(nn.Module):
                                  text_embed_dim=self.text_embed_dim, use_null_token=config.use_null_token,
                                  feature_pooling_type=config.feature_pooling_type, lowres_cond=self.lowres_cond,
                                  timestep_embedding_dim=config.embed_dim if config.timestep_embedding else None,
-                                 text_conditioning=config.text_conditioning, text_pos_emb=config.text_pos_emb)
+                                 text_conditioning=config.text_conditioning, text_pos_emb=config.text_pos_emb,
+                                 text_layers=config.text_layers)
         ch0, kernel = config.level_channels[0], config.init_conv_kernel_size
         self.init_conv = nn.Conv2d(self.cond.in_channels, ch0, kernel, padding=kernel // 2)
         # Zero-init the output conv: the untrained net predicts exactly 0 everywhere, the minimum-variance
