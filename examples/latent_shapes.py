@@ -11,6 +11,7 @@ Writes OUT/autoencoder (config.json + safetensors), OUT/checkpoint, OUT/samples.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ CONFIG = Path(__file__).with_name("latent_shapes.yaml")
 # become 16 x 16 x 4 latents. With f = 4 (8 x 8 x 4) the judge read the shapes of only 59% of the
 # reconstructions after 600 steps (f = 2: 71%; docs/experiments/2026-11-30-s9-latent-shapes.md).
 AE_CONFIG = {"ch_mult": [1, 2]}
+PIXEL_P_MEAN = -0.4  # examples/shapes.yaml's 16 px pixel base, which learns the position words
 
 
 def shapes_images(count: int, size: int, seed: int) -> torch.Tensor:
@@ -71,6 +73,31 @@ def judge_reconstructions(auto, count: int, size: int) -> float:
     return score_shapes(rebuilt, [item["attributes"] for item in items], value_range=(-1, 1))["all_correct"]
 
 
+def config_sigma_data() -> float:
+    """The latent stage's ``sigma_data`` in examples/latent_shapes.yaml (before any --set)."""
+    import yaml
+
+    return float(yaml.safe_load(CONFIG.read_text())["stages"][0]["diffusion"]["config"]["sigma_data"])
+
+
+def report_noise_level(folder: str, size: int, sigma_data: float) -> None:
+    """Print how much louder the objects are in the latents (in units of the latent stage's ``sigma_data``) than
+    in the pixel base's 16 px images (sigma_data 0.5), as the shift of EDM's P_mean it asks for
+    (:func:`imagen_lib.latent.noise_level_shift`): the latent stage must train that much higher to learn where
+    the captions put the objects (docs/latent.md)."""
+    from imagen_lib.latent import AutoencoderKL, noise_level_shift
+    from imagen_lib.sampling_options import resize
+
+    images = shapes_images(256, size, seed=777)
+    with torch.no_grad():
+        latents = AutoencoderKL.from_pretrained(folder).encode_mean(images)
+    shift = noise_level_shift(latents, sigma_data, resize(images, 16), 0.5)
+    print(f"autoencoder: its latents' objects stand {math.exp(shift):.2f} times as far from the background as the "
+          f"16 px pixels' (each in units of its sigma_data): P_mean {PIXEL_P_MEAN} + ln {math.exp(shift):.2f} = "
+          f"{PIXEL_P_MEAN + shift:.2f} trains the latent stage as often as the pixel base at the noise levels that "
+          f"decide the layout")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/latent_shapes", help="output folder (default runs/latent_shapes)")
@@ -90,6 +117,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     vae = autoencoder_folder(args, out)
+    report_noise_level(vae, args.image_size, sigma_data=config_sigma_data())
     quiet = ["--no-progress"] if args.no_progress else []
     sets = [f"--set={s}" for s in [f"stages.0.autoencoder.pretrained={vae}", *args.overrides]]
     status = imagen_lib_cli(["train", str(CONFIG), "--out", str(out), "--cpu", *sets, *quiet])

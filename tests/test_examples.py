@@ -253,6 +253,7 @@ def test_latent_shapes_trains_an_autoencoder_then_a_latent_stage_and_judges_it(t
                 "--eval-n", "2", "--no-progress", "--set", "stages.0.train.steps=2",
                 "--set", "stages.0.sampler.steps=2"], cwd=REPO)
     assert "autoencoder: 2 steps" in done.stdout
+    assert "times as far from the background" in done.stdout  # the P_mean shift its latents ask for
     assert (out / "autoencoder" / "config.json").exists()
     version = Path(resolve(out / "checkpoint"))
     assert (version / "autoencoder0").is_dir() and (version / "stage0.safetensors").exists()
