@@ -144,12 +144,13 @@ class NetworkConfig:
             a place: the shapes quickstart's base read positions at chance without it
             (docs/experiments/2026-11-29-s2-position-features.md).
         text_pos_emb: > 0: a learned embedding of each text token's index (zero at first) added to the
-            projected tokens, for captions up to this many tokens (0: none, as Imagen). With a frozen encoder
-            whose tokens carry little word order it lets two-object captions bind each object to its place
-            (docs/composition.md).
+            projected tokens, for captions up to this many tokens (0: none, as Imagen): word order for a frozen
+            encoder whose tokens carry little of it; on two-object captions it has not yet been seen to bind
+            each object to its place (docs/composition.md).
         text_layers: learned self-attention blocks over the projected text tokens, inside the net (0: none,
-            as Imagen; :mod:`imagen_lib.nn.text_refiner`): with a frozen encoder they work out where each
-            object of a two-object caption goes (docs/composition.md).
+            as Imagen; :mod:`imagen_lib.nn.text_refiner`): room for the net to work out, over a frozen
+            encoder's tokens, where each object of a two-object caption goes (not yet achieved in the
+            shapes trials: docs/composition.md).
     Stable Diffusion's options (docs/latent.md; each default keeps the Imagen networks as they were):
         timestep_embedding: noise levels embedded as SD's sinusoidal timestep features of width ``embed_dim``
             (cosines first, max period 10000; :class:`~imagen_lib.nn.layers.TimestepEmbedding`) instead of
