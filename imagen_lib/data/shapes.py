@@ -232,6 +232,19 @@ def _coverage(geometry: dict[str, np.ndarray], size: int, supersample: int) -> n
     return covered.reshape(-1, size, supersample, size).mean(2, dtype=np.float32)
 
 
+def check_render_arguments(
+    count: int, image_size: int, supersample: int, jitter: np.ndarray | None, jitter_columns: int,
+) -> None:
+    """The checks a renderer of ``count`` images makes of its arguments (the pair renderer's too): ``image_size``
+    an int >= 4, ``supersample`` a positive int, ``jitter`` None or of shape (count, jitter_columns)."""
+    if not isinstance(image_size, int) or image_size < 4:
+        raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
+    if not isinstance(supersample, int) or supersample < 1:
+        raise ValueError(f"supersample must be a positive int, got {supersample!r}")
+    if jitter is not None and np.shape(jitter) != (count, jitter_columns):
+        raise ValueError(f"jitter must have shape ({count}, {jitter_columns}), got {np.shape(jitter)}")
+
+
 def render_batch(
     attributes: Sequence[dict[str, Any]],
     image_size: int = 64,
@@ -244,12 +257,7 @@ def render_batch(
     ``jitter`` is None (the nominal size and cell centre) or an array (B, 3) of uniforms in [0, 1) that
     set the x, y and size jitter. ``supersample`` (default 4) is the antialiasing factor.
     """
-    if not isinstance(image_size, int) or image_size < 4:
-        raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
-    if not isinstance(supersample, int) or supersample < 1:
-        raise ValueError(f"supersample must be a positive int, got {supersample!r}")
-    if jitter is not None and np.shape(jitter) != (len(attributes), 3):
-        raise ValueError(f"jitter must have shape ({len(attributes)}, 3), got {np.shape(jitter)}")
+    check_render_arguments(len(attributes), image_size, supersample, jitter, jitter_columns=3)
     geometry = _geometry(attributes, jitter)
     coverage = _coverage(geometry, image_size, supersample)[:, None]  # (B, 1, H, W)
     bg = geometry["background"][:, :, None, None] / 127.5 - 1

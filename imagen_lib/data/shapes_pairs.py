@@ -32,6 +32,7 @@ from imagen_lib.data.shapes import (
     SIZE_WORDS,
     ShapesDataset,
     _coverage,
+    check_render_arguments,
     draw_captions,
 )
 from imagen_lib.data.shapes import vocabulary as single_vocabulary
@@ -209,12 +210,7 @@ def render_pairs(
     ``jitter`` is None (nominal slot centres and sizes) or (B, 6) uniforms in [0, 1): x, y and size jitter of
     the first slot, then of the second. ``supersample`` (default 4) is the antialiasing factor.
     """
-    if not isinstance(image_size, int) or image_size < 4:
-        raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
-    if not isinstance(supersample, int) or supersample < 1:
-        raise ValueError(f"supersample must be a positive int, got {supersample!r}")
-    if jitter is not None and np.shape(jitter) != (len(attributes), 6):
-        raise ValueError(f"jitter must have shape ({len(attributes)}, 6), got {np.shape(jitter)}")
+    check_render_arguments(len(attributes), image_size, supersample, jitter, jitter_columns=6)
     for a in attributes:
         _check_pair(a)
     background = np.array([BACKGROUNDS[a["background"]] for a in attributes], dtype=np.float32).reshape(-1, 3)
