@@ -7,6 +7,7 @@ low-res augmentation level, as in Imagen) and the projected text tokens for atte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -21,6 +22,21 @@ PoolingType = Literal["attention", "mean"]
 POOLING_TYPES = ("attention", "mean")
 TextConditioningType = Literal["projected", "raw"]
 TEXT_CONDITIONING_TYPES = ("projected", "raw")
+PositionInit = Literal["zeros", "sinusoidal"]
+POSITION_INITS = ("zeros", "sinusoidal")
+
+
+def sinusoidal_positions(n: int, dim: int, scale: float = 0.5, max_period: float = 100.0) -> Tensor:
+    """(n, dim) fixed features of token indices 0..n-1: ``scale * [sin(i w_k), cos(i w_k)]``,
+    ``w_k = max_period ** (-k / (dim / 2))`` for k < dim / 2 (Vaswani et al. 2017, with a short period range
+    for captions of tens of tokens). Each row has norm ``scale * sqrt(dim / 2)``; neighbouring indices differ
+    in the fast features, far ones in the slow ones, so that a dot product can pick out one index."""
+    if dim % 2:
+        raise ValueError(f"cond_dim: sinusoidal token positions need an even width, got {dim}")
+    half = dim // 2
+    w = max_period ** (-torch.arange(half, dtype=torch.float64) / half)  # (half,)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * w  # (n, half)
+    return (scale * torch.cat([angles.sin(), angles.cos()], dim=1)).float()
 
 
 def _check_batch_scalar(name: str, value, batch: int, device) -> Tensor:
@@ -54,6 +70,14 @@ class TextConditioner(nn.Module):
             of captions up to this many tokens, so that attention can tell "a red circle left of a blue square"
             from "a blue square left of a red circle" even when the encoder's tokens carry little order
             (docs/composition.md); 0 (default): none.
+        position_init: how that embedding starts: ``"zeros"`` (default: the untrained net reads the text as
+            without it) or ``"sinusoidal"`` (:func:`sinusoidal_positions`, still learned): attention's keys
+            carry each token's index from the first step, which a small net needs to tie the first-named
+            object to its place (docs/composition.md).
+        pooled: add the pooled text to the conditioning vector (default True, as Imagen). False: the text
+            reaches the image only through attention, where a place reads the token meant for it; a pooled
+            vector is a set of words, and beside a convolution (which knows where it is) it lets the net place
+            a pair of colours the way training showed them without reading the order (docs/composition.md).
         layers: > 0: that many learned self-attention blocks over the projected tokens (after the index
             embedding; :class:`~imagen_lib.nn.text_refiner.TextRefiner`, the identity when untrained), so the
             net can work out what each token means in its caption, e.g. where a colour word's object goes;
@@ -61,18 +85,23 @@ class TextConditioner(nn.Module):
     """
 
     def __init__(self, text_embed_dim: int, cond_dim: int, use_null_token: bool, pooling: PoolingType,
-                 positions: int = 0, layers: int = 0):
+                 positions: int = 0, layers: int = 0, position_init: PositionInit = "zeros", pooled: bool = True):
         super().__init__()
         if pooling not in POOLING_TYPES:
             raise ValueError(f"feature_pooling_type: expected one of {POOLING_TYPES}, got {pooling!r}")
-        self.text_embed_dim, self.pooling = text_embed_dim, pooling
+        if position_init not in POSITION_INITS:
+            raise ValueError(f"text_pos_emb_init: expected one of {POSITION_INITS}, got {position_init!r}")
+        self.text_embed_dim, self.pooling, self.pooled = text_embed_dim, pooling, pooled
         self.proj = nn.Sequential(nn.LayerNorm(text_embed_dim), nn.Linear(text_embed_dim, cond_dim))
         self.null_token = nn.Parameter(0.02 * torch.randn(1, 1, cond_dim)) if use_null_token else None
         # no bias: softmax over tokens is unchanged by a constant shift, so a bias would never learn
-        self.pool_score = nn.Linear(cond_dim, 1, bias=False) if pooling == "attention" else None
-        self.to_cond = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, cond_dim))
+        self.pool_score = nn.Linear(cond_dim, 1, bias=False) if pooling == "attention" and pooled else None
+        self.to_cond = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, cond_dim)) if pooled else None
         # zeros: the untrained net reads the text as without it, and no random numbers are drawn
-        self.position = nn.Parameter(torch.zeros(1, positions, cond_dim)) if positions > 0 else None
+        self.position = None
+        if positions > 0:
+            start = sinusoidal_positions(positions, cond_dim) if position_init == "sinusoidal" else None
+            self.position = nn.Parameter(torch.zeros(1, positions, cond_dim) if start is None else start[None])
         # built last: without it every other weight is drawn exactly as before
         self.refiner = TextRefiner(cond_dim, layers) if layers > 0 else None
 
@@ -85,7 +114,7 @@ class TextConditioner(nn.Module):
             return (weights * tokens).sum(dim=1)  # (B, D)
         return (weights * tokens).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, D); 0 tokens -> 0
 
-    def forward(self, text_embeds: Tensor, text_mask: Tensor) -> tuple[Tensor, TextContext]:
+    def forward(self, text_embeds: Tensor, text_mask: Tensor) -> tuple[Optional[Tensor], TextContext]:
         tokens = self.proj(text_embeds.to(self.proj[1].weight.dtype))  # (B, N, D)
         if self.position is not None:
             if tokens.shape[1] > self.position.shape[1]:
@@ -101,7 +130,7 @@ class TextConditioner(nn.Module):
             b = tokens.shape[0]
             tokens = torch.cat([tokens, self.null_token.to(tokens.dtype).expand(b, -1, -1)], dim=1)
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)  # (B, N + 1)
-        pooled = self.to_cond(self._pool(tokens, mask))  # (B, cond_dim)
+        pooled = self.to_cond(self._pool(tokens, mask)) if self.pooled else None  # (B, cond_dim)
         return pooled, make_text_context(tokens, mask, always_nonempty=self.null_token is not None)
 
 
@@ -133,6 +162,36 @@ class TextTokens(nn.Module):
         return None, make_text_context(tokens, mask, always_nonempty=self.null_token is not None)
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """How a network reads the caption (the text fields of :class:`~imagen_lib.nn.config.NetworkConfig`).
+
+    Fields: ``conditioning``: ``"projected"`` (default; :class:`TextConditioner`) or ``"raw"``
+    (:class:`TextTokens`: the embeddings feed cross-attention unchanged, no pooled text, as in SD);
+    ``use_null_token`` (True), ``pooling`` ("attention"), ``positions`` (0), ``position_init`` ("zeros"),
+    ``layers`` (0) and ``pooled`` (True): :class:`TextConditioner`'s arguments of those names.
+    """
+
+    conditioning: TextConditioningType = "projected"
+    use_null_token: bool = True
+    pooling: PoolingType = "attention"
+    positions: int = 0
+    position_init: PositionInit = "zeros"
+    layers: int = 0
+    pooled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in TEXT_CONDITIONING_TYPES:
+            raise ValueError(f"text_conditioning: expected one of {TEXT_CONDITIONING_TYPES}, "
+                             f"got {self.conditioning!r}")
+
+    def build(self, text_embed_dim: int, cond_dim: int) -> nn.Module:
+        if self.conditioning == "raw":
+            return TextTokens(text_embed_dim, self.use_null_token)
+        return TextConditioner(text_embed_dim, cond_dim, self.use_null_token, self.pooling, self.positions,
+                               self.layers, self.position_init, self.pooled)
+
+
 class Conditioning(nn.Module):
     """Input checks and the conditioning vector of both U-Nets (see the network protocol in docs/architecture.md).
 
@@ -143,24 +202,17 @@ class Conditioning(nn.Module):
         learned_sinu_pos_emb_dim: if > 0, a learned sinusoidal embedding with this many features is used
             instead (NeMo's option; 0 = fixed).
         text_embed_dim: None for a net without text.
-        use_null_token, feature_pooling_type: see :class:`TextConditioner`.
+        text: how the caption is read (:class:`TextOptions`; None: its defaults).
         lowres_cond: super-resolution mode (low-res image concatenated, its augmentation level embedded).
         timestep_embedding_dim: None (default): the noise levels' features are :class:`NoiseEmbedding`'s;
             an int: Stable Diffusion's :class:`TimestepEmbedding` with this many features.
-        text_conditioning: ``"projected"`` (default; :class:`TextConditioner`) or ``"raw"``
-            (:class:`TextTokens`: the embeddings feed cross-attention unchanged, no pooled text, as in SD).
-        text_pos_emb: :class:`TextConditioner`'s ``positions`` (0, default: none).
-        text_layers: :class:`TextConditioner`'s ``layers`` (0, default: none).
     """
 
     def __init__(self, channels: int, cond_dim: int, noise_frequencies: int, learned_sinu_pos_emb_dim: int,
-                 text_embed_dim: Optional[int], use_null_token: bool, feature_pooling_type: PoolingType,
-                 lowres_cond: bool, timestep_embedding_dim: Optional[int] = None,
-                 text_conditioning: TextConditioningType = "projected", text_pos_emb: int = 0,
-                 text_layers: int = 0):
+                 text_embed_dim: Optional[int], text: Optional[TextOptions], lowres_cond: bool,
+                 timestep_embedding_dim: Optional[int] = None):
         super().__init__()
-        if text_conditioning not in TEXT_CONDITIONING_TYPES:
-            raise ValueError(f"text_conditioning: expected one of {TEXT_CONDITIONING_TYPES}, got {text_conditioning!r}")
+        text = TextOptions() if text is None else text
         self.channels, self.lowres_cond, self.text_embed_dim = channels, lowres_cond, text_embed_dim
 
         def noise_embedder() -> nn.Sequential:
@@ -174,13 +226,10 @@ class Conditioning(nn.Module):
         self.noise = noise_embedder()
         self.lowres_noise = noise_embedder() if lowres_cond else None
         self.text: Optional[nn.Module] = None
-        if text_embed_dim is not None and text_conditioning == "raw":
-            self.text = TextTokens(text_embed_dim, use_null_token)
-        elif text_embed_dim is not None:
-            self.text = TextConditioner(text_embed_dim, cond_dim, use_null_token, feature_pooling_type, text_pos_emb,
-                                        text_layers)
+        if text_embed_dim is not None:
+            self.text = text.build(text_embed_dim, cond_dim)
         # the width of the tokens the attention layers read
-        self.context_dim = None if self.text is None else (text_embed_dim if text_conditioning == "raw" else cond_dim)
+        self.context_dim = None if self.text is None else (text_embed_dim if text.conditioning == "raw" else cond_dim)
 
     @property
     def in_channels(self) -> int:

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Optional, TypeVar, Union
 
 from imagen_lib.nn.attention import ATTENTION_TYPES, AttentionType
-from imagen_lib.nn.conditioning import POOLING_TYPES, TEXT_CONDITIONING_TYPES, PoolingType, TextConditioningType
+from imagen_lib.nn.conditioning import (
+    POOLING_TYPES,
+    POSITION_INITS,
+    TEXT_CONDITIONING_TYPES,
+    PoolingType,
+    PositionInit,
+    TextConditioningType,
+)
 from imagen_lib.nn.layers import per_level
 from imagen_lib.nn.spatial_transformer import SPATIAL_TRANSFORMER
 
@@ -72,6 +79,12 @@ def _attention_type(name: str, value: Any) -> Optional[str]:
 def _text_conditioning(name: str, value: Any) -> str:
     if value not in TEXT_CONDITIONING_TYPES:
         raise ValueError(f"{name}: expected one of {TEXT_CONDITIONING_TYPES}, got {value!r}")
+    return value
+
+
+def _position_init(name: str, value: Any) -> str:
+    if value not in POSITION_INITS:
+        raise ValueError(f"{name}: expected one of {POSITION_INITS}, got {value!r}")
     return value
 
 
@@ -151,6 +164,12 @@ class NetworkConfig:
             as Imagen; :mod:`imagen_lib.nn.text_refiner`): room for the net to work out, over a frozen
             encoder's tokens, where each object of a two-object caption goes (not yet achieved in the
             shapes trials: docs/composition.md).
+        text_pos_emb_init: ``"zeros"`` (the untrained net reads the text as without the index table) or
+            ``"sinusoidal"`` (fixed-scale sinusoids of the index, still learned: attention's keys carry each
+            token's index from the first step) ("zeros").
+        text_pooled: add the pooled text to the conditioning vector (True, as Imagen); False: the text reaches
+            the image only through attention, so a place reads the tokens meant for it rather than a set of
+            words beside a convolution that knows where it is.
     Stable Diffusion's options (docs/latent.md; each default keeps the Imagen networks as they were):
         timestep_embedding: noise levels embedded as SD's sinusoidal timestep features of width ``embed_dim``
             (cosines first, max period 10000; :class:`~imagen_lib.nn.layers.TimestepEmbedding`) instead of
@@ -189,6 +208,8 @@ class NetworkConfig:
     attention_pos_emb: bool = False
     text_pos_emb: int = 0
     text_layers: int = 0
+    text_pos_emb_init: PositionInit = "zeros"
+    text_pooled: bool = True
     timestep_embedding: bool = False
     text_conditioning: TextConditioningType = "projected"
     use_linear_in_transformer: bool = False
@@ -203,7 +224,7 @@ class NetworkConfig:
         "dropout": _probability, "use_null_token": _flag, "init_conv_kernel_size": _odd_positive,
         "gradient_checkpointing": _flag, "scale_shift_norm": _flag, "resample_with_conv": _flag,
         "lowres_cond": _flag, "stable_attention": _flag, "attention_pos_emb": _flag, "text_pos_emb": _int,
-        "text_layers": _int,
+        "text_layers": _int, "text_pos_emb_init": _position_init, "text_pooled": _flag,
         "timestep_embedding": _flag, "text_conditioning": _text_conditioning, "use_linear_in_transformer": _flag,
         "transformer_depth": _positive,
     }

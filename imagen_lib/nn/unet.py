@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from imagen_lib.nn.attention import AttentionBlock
-from imagen_lib.nn.conditioning import Conditioning
+from imagen_lib.nn.conditioning import Conditioning, TextOptions
 from imagen_lib.nn.config import NetworkConfig, UnetConfig, _reject_unknown
 from imagen_lib.nn.layers import (
     Downsample,
@@ -64,13 +64,14 @@ class UnetBase(nn.Module):
         self.cond_dim = config.cond_dim or 4 * config.embed_dim
         self.gradient_checkpointing = config.gradient_checkpointing
         self.attention_type = config.attention_type
+        text = TextOptions(conditioning=config.text_conditioning, use_null_token=config.use_null_token,
+                           pooling=config.feature_pooling_type, positions=config.text_pos_emb,
+                           position_init=config.text_pos_emb_init, layers=config.text_layers,
+                           pooled=config.text_pooled)
         self.cond = Conditioning(config.channels, self.cond_dim, noise_frequencies=max(config.embed_dim // 2, 16),
                                  learned_sinu_pos_emb_dim=config.learned_sinu_pos_emb_dim,
-                                 text_embed_dim=self.text_embed_dim, use_null_token=config.use_null_token,
-                                 feature_pooling_type=config.feature_pooling_type, lowres_cond=self.lowres_cond,
-                                 timestep_embedding_dim=config.embed_dim if config.timestep_embedding else None,
-                                 text_conditioning=config.text_conditioning, text_pos_emb=config.text_pos_emb,
-                                 text_layers=config.text_layers)
+                                 text_embed_dim=self.text_embed_dim, text=text, lowres_cond=self.lowres_cond,
+                                 timestep_embedding_dim=config.embed_dim if config.timestep_embedding else None)
         ch0, kernel = config.level_channels[0], config.init_conv_kernel_size
         self.init_conv = nn.Conv2d(self.cond.in_channels, ch0, kernel, padding=kernel // 2)
         # Zero-init the output conv: the untrained net predicts exactly 0 everywhere, the minimum-variance
