@@ -22,6 +22,7 @@ from imagen_lib.data.shapes_pairs import (
     is_heldout,
     make_pair_caption,
     pair_vocabulary,
+    random_pair_attributes,
     render_pairs,
     sample_pair_captions,
     slot_colors,
@@ -88,7 +89,8 @@ def test_heldout_arrangements_never_reach_training_over_an_epoch():
     from imagen_lib.training.loop import stage_loader
 
     config = yaml.safe_load((REPO / "examples" / "shapes2.yaml").read_text())
-    config["data"] = {"type": "shape_pairs", "seed": 3, "length": 1200, "supersample": 1}
+    # the config's own data options (its caption-order share too), a shorter epoch
+    config["data"] = {**config["data"], "seed": 3, "length": 1200, "supersample": 1}
     config["stages"][0]["image_size"] = 8
     seen = Counter()
     for batch in stage_loader(config, 0):  # one epoch, shuffled as training draws it
@@ -98,6 +100,44 @@ def test_heldout_arrangements_never_reach_training_over_an_epoch():
     assert len(seen) == 30 - len(HELDOUT_COLOR_PAIRS)  # every other ordered pair of colours is trained on
     heldout = ShapePairsDataset(8, 300, split="heldout", supersample=1).batch(range(300))["attributes"]
     assert all(is_heldout(a) for a in heldout) and {slot_colors(a) for a in heldout} == HELDOUT_COLOR_PAIRS
+
+
+def _first_slot_first_share(attributes):
+    return float(np.mean([RELATIONS[a["relation"]][1] == 0 for a in attributes]))
+
+
+def test_first_slot_first_sets_the_share_of_captions_naming_the_left_or_top_object_first():
+    def attributes(share, n=2000):
+        data = ShapePairsDataset(8, n, seed=4, supersample=1, first_slot_first=share)
+        return [data._draw(i)[1] for i in range(n)]
+
+    assert _first_slot_first_share(attributes(0.5)) == pytest.approx(0.5, abs=0.03)
+    assert _first_slot_first_share(attributes(0.75)) == pytest.approx(0.75, abs=0.03)
+    assert _first_slot_first_share(attributes(1.0, 300)) == 1.0
+    assert _first_slot_first_share(attributes(0.0, 300)) == 0.0
+    # only the caption's order moves: the same scenes (slot colours, hence the split) item by item
+    plain, biased = attributes(0.5, 300), attributes(0.75, 300)
+    assert [slot_colors(a) for a in plain] == [slot_colors(a) for a in biased]
+    assert not any(is_heldout(a) for a in biased)
+    with pytest.raises(ValueError, match="first_slot_first"):
+        ShapePairsDataset(8, 10, first_slot_first=1.5)
+
+
+def test_a_turned_around_caption_describes_the_same_image():
+    from imagen_lib.data.shapes_pairs import turned_around
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = random_pair_attributes(rng)
+        b = turned_around(a)
+        assert slot_colors(a) == slot_colors(b) and b["relation"] != a["relation"]
+        jitter = rng.random((1, 6))
+        assert torch.equal(render_pairs([a], 16, jitter=jitter, supersample=1),
+                           render_pairs([b], 16, jitter=jitter, supersample=1))
+        assert turned_around(b) == a
+    data = ShapePairsDataset(32, 100, seed=7, first_slot_first=0.9)
+    batch = data.batch(range(100))  # the judge agrees with the turned-around captions
+    assert score_pairs(batch["images"], batch["attributes"], value_range=(-1, 1))["accuracy"]["everything"] >= 0.98
 
 
 def test_every_heldout_arrangement_is_trained_on_in_reverse():

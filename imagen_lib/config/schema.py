@@ -234,10 +234,16 @@ class ShapesData:
 @dataclass(kw_only=True)
 class ShapePairsData(ShapesData):
     """``data: {type: shape_pairs}``: :class:`~imagen_lib.data.shapes_pairs.ShapePairsDataset`, two shapes and
-    their relation: the fields of ``shapes`` and ``split`` (``train``: never a held-out colour combination)."""
+    their relation: the fields of ``shapes``, ``split`` (``train``: never a held-out colour combination) and
+    ``first_slot_first`` (share of the captions naming the left / top object first, default 0.5)."""
 
     type: Literal["shape_pairs"] = "shape_pairs"
     split: Literal["train", "heldout"] = "train"
+    first_slot_first: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("first_slot_first", self.first_slot_first, low=0.0, high=1.0)
 
 
 @dataclass(kw_only=True)

@@ -97,12 +97,16 @@ PRESETS: dict[str, Union[UnetConfig, EfficientUnetConfig]] = {
         text_embed_dim=64, attention_pos_emb=True, lowres_cond=False),
     # 24 px base for two-object captions (examples/shapes2.yaml): tiny-e16's layout at 24, 12, 6 px (a small
     # shape of a pair is 5 px there, 3.5 at 16 px, where the judge reads only 72% of real pairs fully right),
-    # and a learned embedding of each text token's index (text_pos_emb, up to 24 tokens): the net reads the
-    # projected tokens as a set without it (docs/composition.md).
+    # with what binding each object of "a red circle left of a blue square" to its place took
+    # (docs/composition.md): each text token's index, as sinusoids from the first step (text_pos_emb,
+    # text_pos_emb_init), two learned self-attention blocks over the tokens (text_layers: the place of a
+    # colour word is its order exclusive-or the relation word) and no pooled text in the conditioning vector
+    # (text_pooled: False; with it the nets place a pair of colours as training showed it, not as asked).
     "tiny-e24": EfficientUnetConfig(
         embed_dim=32, image_size=24, channel_mult=(1, 2, 4), num_res_blocks=(1, 1, 2), attention_type="fused",
         attention_levels=(False, True, True), num_attn_heads=4, per_head_channels=32, cond_dim=128,
-        text_embed_dim=64, attention_pos_emb=True, text_pos_emb=24, lowres_cond=False),
+        text_embed_dim=64, attention_pos_emb=True, text_pos_emb=24, text_pos_emb_init="sinusoidal",
+        text_layers=2, text_pooled=False, lowres_cond=False),
     # 32 -> 64 px super-resolution for CPU work: levels at 64, 32, 16, 8 px with 16 .. 128 channels (few
     # channels where pixels are many: ~40% faster per step than 32 .. 128 at similar size), cross-attention
     # at 16 and 8 px.
