@@ -66,10 +66,10 @@ class TextConditioner(nn.Module):
         use_null_token: append a learned token that every row may attend to (so a caption-free row, the
             unconditional pass of classifier-free guidance, has a learned "no text" value).
         pooling: ``"attention"`` (learned per-token scores, masked softmax) or ``"mean"`` (masked mean).
-        positions: > 0: a learned embedding of each token's index (zero at first), added to the projected tokens
-            of captions up to this many tokens, so that attention can tell "a red circle left of a blue square"
-            from "a blue square left of a red circle" even when the encoder's tokens carry little order
-            (docs/composition.md); 0 (default): none.
+        positions: > 0: a learned embedding of each token's index (its start: ``position_init``), added to the
+            projected tokens of captions up to this many tokens, so that attention can tell "a red circle left of
+            a blue square" from "a blue square left of a red circle" even when the encoder's tokens carry little
+            order (docs/composition.md); 0 (default): none.
         position_init: how that embedding starts: ``"zeros"`` (default: the untrained net reads the text as
             without it) or ``"sinusoidal"`` (:func:`sinusoidal_positions`, still learned): attention's keys
             carry each token's index from the first step, which a small net needs to tie the first-named

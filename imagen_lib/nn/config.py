@@ -156,20 +156,21 @@ class NetworkConfig:
             fractions of the image side; False, as Imagen). It lets a small net tie "top left" in a caption to
             a place: the shapes quickstart's base read positions at chance without it
             (docs/experiments/2026-11-29-s2-position-features.md).
-        text_pos_emb: > 0: a learned embedding of each text token's index (zero at first) added to the
-            projected tokens, for captions up to this many tokens (0: none, as Imagen): word order for a frozen
-            encoder whose tokens carry little of it; on two-object captions it has not yet been seen to bind
-            each object to its place (docs/composition.md).
+        text_pos_emb: > 0: a learned embedding of each text token's index added to the projected tokens, for
+            captions up to this many tokens (0: none, as Imagen): word order for a frozen encoder whose tokens
+            carry little of it (docs/composition.md).
+        text_pos_emb_init: how that embedding starts: ``"zeros"`` (the untrained net reads the text as
+            without it) or ``"sinusoidal"`` (fixed-scale sinusoids of the index, still learned: attention's
+            keys carry each token's index from the first step; with zeros no two-object base learned to use
+            it) ("zeros").
         text_layers: learned self-attention blocks over the projected text tokens, inside the net (0: none,
             as Imagen; :mod:`imagen_lib.nn.text_refiner`): room for the net to work out, over a frozen
-            encoder's tokens, where each object of a two-object caption goes (not yet achieved in the
-            shapes trials: docs/composition.md).
-        text_pos_emb_init: ``"zeros"`` (the untrained net reads the text as without the index table) or
-            ``"sinusoidal"`` (fixed-scale sinusoids of the index, still learned: attention's keys carry each
-            token's index from the first step) ("zeros").
+            encoder's tokens, where each object of a two-object caption goes (its order exclusive-or the
+            relation word).
         text_pooled: add the pooled text to the conditioning vector (True, as Imagen); False: the text reaches
-            the image only through attention, so a place reads the tokens meant for it rather than a set of
-            words beside a convolution that knows where it is.
+            the image only through attention, so a place reads the tokens meant for it; the pooled vector is
+            a set of words, and beside a convolution that knows where it is it let two-object bases place a
+            pair of colours the way training showed them instead of reading the order.
     Stable Diffusion's options (docs/latent.md; each default keeps the Imagen networks as they were):
         timestep_embedding: noise levels embedded as SD's sinusoidal timestep features of width ``embed_dim``
             (cosines first, max period 10000; :class:`~imagen_lib.nn.layers.TimestepEmbedding`) instead of
