@@ -97,7 +97,8 @@ class TextConditioner(nn.Module):
         # no bias: softmax over tokens is unchanged by a constant shift, so a bias would never learn
         self.pool_score = nn.Linear(cond_dim, 1, bias=False) if pooling == "attention" and pooled else None
         self.to_cond = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, cond_dim)) if pooled else None
-        # zeros: the untrained net reads the text as without it, and no random numbers are drawn
+        # either start draws no random numbers, so every other weight is drawn as without the table; zeros: the
+        # untrained net reads the text as without it
         self.position = None
         if positions > 0:
             start = sinusoidal_positions(positions, cond_dim) if position_init == "sinusoidal" else None
