@@ -15,8 +15,12 @@ from safetensors.torch import load_file
 from imagen_lib.checkpoint import resolve
 
 SCRIPT = r'''
+import atexit
 import sys
 import torch
+
+# registered before the Trainer's own exit handler, so it runs after it (atexit is last in, first out)
+atexit.register(lambda: print("group alive at exit:", torch.distributed.is_initialized(), flush=True))
 from safetensors.torch import save_file
 
 from tiny_cascade import images, tiny_cascade
@@ -62,6 +66,8 @@ def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
     script.write_text(SCRIPT)
     run = _launch(script, tmp_path, port=29517)
     assert "done 2" in run.stdout  # really two processes
+    # the Trainer ended the process group itself: exiting with a gloo group alive can abort a finished run
+    assert run.stdout.count("group alive at exit: False") == 2, run.stdout
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert a.keys() == b.keys()
     for name in a:

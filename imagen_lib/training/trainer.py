@@ -17,6 +17,7 @@ and optimizer, saves gather them collectively, and every process samples.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -78,6 +79,22 @@ class StageState:
     data: DataPosition = field(default_factory=DataPosition)
     skipped: int = 0
     skipped_in_a_row: int = 0
+
+
+
+@functools.cache
+def _end_process_group_at_exit() -> None:
+    """Destroy the process group when the interpreter exits, unless the script did (``accelerator.end_training()``).
+
+    Why: a process that exits with its gloo group alive tears the group's worker threads down during interpreter
+    finalization, and that can abort it (SIGABRT, "terminate called without an active exception") after the run
+    has finished and saved: the launcher then reports the whole run failed. Registered once per process."""
+
+    def end() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(end)
 
 
 class Trainer:
@@ -146,12 +163,15 @@ class Trainer:
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if distributed and not torch.cuda.is_available():
             cpu = True  # several processes and no GPU: Accelerate only joins them on the CPU when told so
-        return Accelerator(
+        accelerator = Accelerator(
             mixed_precision="no", cpu=cpu, log_with=log_with,  # the precision is the Trainer's own (_autocast)
             project_dir=None if project_dir is None else str(project_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
             fsdp_plugin=sharding.fsdp_plugin() if self.settings.fsdp else None,
         )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _end_process_group_at_exit()
+        return accelerator
 
     def _make_scaler(self):
         """fp16's loss scaler (gradients that would underflow in float16 are scaled up, then down)."""
