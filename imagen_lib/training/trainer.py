@@ -147,6 +147,8 @@ class Trainer:
                              "Trainer applies it itself)")
         log_with = tracking.check_log_with(log_with) if accelerator is None else None
         self.accelerator = accelerator or self._make_accelerator(cpu, log_with, project_dir, ddp_find_unused_parameters)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _end_process_group_at_exit()  # the Trainer's or the caller's Accelerator: either group must end cleanly
         self.scaler = self._make_scaler()
         self.run_id = uuid.uuid4().hex
         self.last_checkpoint: Optional[str] = None
@@ -163,15 +165,12 @@ class Trainer:
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if distributed and not torch.cuda.is_available():
             cpu = True  # several processes and no GPU: Accelerate only joins them on the CPU when told so
-        accelerator = Accelerator(
+        return Accelerator(
             mixed_precision="no", cpu=cpu, log_with=log_with,  # the precision is the Trainer's own (_autocast)
             project_dir=None if project_dir is None else str(project_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
             fsdp_plugin=sharding.fsdp_plugin() if self.settings.fsdp else None,
         )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            _end_process_group_at_exit()
-        return accelerator
 
     def _make_scaler(self):
         """fp16's loss scaler (gradients that would underflow in float16 are scaled up, then down)."""
