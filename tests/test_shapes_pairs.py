@@ -123,6 +123,46 @@ def test_first_slot_first_sets_the_share_of_captions_naming_the_left_or_top_obje
         ShapePairsDataset(8, 10, first_slot_first=1.5)
 
 
+def test_a_list_of_shares_gives_each_epoch_its_own_and_the_last_holds_after():
+    data = ShapePairsDataset(8, 300, seed=4, supersample=1, first_slot_first=[1.0, 0.0])
+    epochs = {}
+    for epoch in (0, 1, 5):
+        data.set_epoch(epoch)
+        epochs[epoch] = [data._draw(i) for i in range(300)]
+    assert _first_slot_first_share([d[1] for d in epochs[0]]) == 1.0
+    assert _first_slot_first_share([d[1] for d in epochs[1]]) == 0.0
+    assert [d[0] for d in epochs[5]] == [d[0] for d in epochs[1]]  # the last share holds
+    # the same scenes every epoch: slot colours and placement jitter item by item
+    assert [slot_colors(d[1]) for d in epochs[0]] == [slot_colors(d[1]) for d in epochs[1]]
+    assert all(np.array_equal(a[2], b[2]) for a, b in zip(epochs[0], epochs[1]))
+    with pytest.raises(ValueError, match="non-empty list"):
+        ShapePairsDataset(8, 10, first_slot_first=[])
+    with pytest.raises(ValueError, match=r"first_slot_first\[1\]"):
+        ShapePairsDataset(8, 10, first_slot_first=[0.5, 1.5])
+    with pytest.raises(ValueError, match="epoch"):
+        data.set_epoch(-1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_training_data_order_moves_the_share_epoch_by_epoch_and_on_resume(workers):
+    """Through the trainer's loader and data order (shuffled, loader processes or not): epoch 0's batches name
+    the left / top object first, epoch 1's and later ones the other; a run resumed in epoch 1 draws epoch 1's."""
+    from imagen_lib.training.data_order import DataOrder, DataPosition
+    from imagen_lib.training.loop import stage_loader
+
+    config = yaml.safe_load((REPO / "examples" / "shapes2.yaml").read_text())
+    config["data"].update(length=8, supersample=1, first_slot_first=[1.0, 0.0], num_workers=workers)
+    config["stages"][0]["image_size"] = 8
+    config["stages"][0]["train"] = {"steps": 6, "batch_size": 4}  # two batches an epoch
+
+    def shares(start, n):
+        order = iter(DataOrder(stage_loader(config, 0), start))
+        return [_first_slot_first_share(next(order)["attributes"]) for _ in range(n)]
+
+    assert shares(DataPosition(), 6) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert shares(DataPosition(epoch=1, batch=1, batches=3), 2) == [0.0, 0.0]
+
+
 def test_a_turned_around_caption_describes_the_same_image():
     from imagen_lib.data.shapes_pairs import turned_around
 

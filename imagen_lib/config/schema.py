@@ -235,15 +235,18 @@ class ShapesData:
 class ShapePairsData(ShapesData):
     """``data: {type: shape_pairs}``: :class:`~imagen_lib.data.shapes_pairs.ShapePairsDataset`, two shapes and
     their relation: the fields of ``shapes``, ``split`` (``train``: never a held-out colour combination) and
-    ``first_slot_first`` (share of the captions naming the left / top object first, default 0.5)."""
+    ``first_slot_first`` (share of the captions naming the left / top object first, default 0.5, or a list of
+    shares, one per epoch)."""
 
     type: Literal["shape_pairs"] = "shape_pairs"
     split: Literal["train", "heldout"] = "train"
-    first_slot_first: float = 0.5
+    first_slot_first: Union[float, list[float]] = 0.5
 
     def __post_init__(self):
         super().__post_init__()
-        check_number("first_slot_first", self.first_slot_first, low=0.0, high=1.0)
+        from imagen_lib.data.shapes_pairs import first_slot_first_schedule
+
+        first_slot_first_schedule(self.first_slot_first)
 
 
 @dataclass(kw_only=True)

@@ -249,6 +249,16 @@ def render_pairs(
 # The data set
 
 
+def first_slot_first_schedule(value: Any) -> float | list[float]:
+    """``first_slot_first`` checked: one share in [0, 1], or a non-empty list of them (one per epoch)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("first_slot_first: expected a share in [0, 1] or a non-empty list of them (one per "
+                             "epoch), got an empty list")
+        return [check_number(f"first_slot_first[{i}]", v, low=0.0, high=1.0) for i, v in enumerate(value)]
+    return check_number("first_slot_first", value, low=0.0, high=1.0)
+
+
 class ShapePairsDataset(ShapesDataset):
     """Captioned shape pairs; items are ``{"images": (3, H, W) in [-1, 1], "texts": str, "attributes": dict}``
     (the attributes of :func:`random_pair_attributes`). Loading, collating and batching are the one-object data
@@ -261,14 +271,19 @@ class ShapePairsDataset(ShapesDataset):
         supersample: antialiasing factor of the renderer (default 4).
         split: ``"train"`` (default: never a held-out colour combination) or ``"heldout"`` (only those).
         first_slot_first: share of the captions that name the left / top object first (default 0.5: either
-            order alike). The images, and so the held-out split, do not change, only which object a caption
-            names first. Above 0.5 the order of the words and the place agree more often than not, which is
-            what lets a small base learn to bind them (0.75 in ``examples/shapes2.yaml``: at 0.5 no base bound
-            order to place within 8,000 steps; docs/composition.md).
+            order alike), or one share per epoch (a list; the last holds for every later epoch, so
+            ``[1.0, 0.75]`` with ``length`` = 1,500 batches names the left / top object first for the first
+            1,500 steps, then three times in four). The images, and so the held-out split, do not change,
+            only which object a caption names first. Above 0.5 the order of the words and the place agree more
+            often than not, which is what lets a small base learn to bind them (at 0.5 no base bound order to
+            place within 8,000 steps; docs/composition.md).
+
+    The epoch comes from :meth:`set_epoch`, which the Trainer's data order calls as each epoch starts (and,
+    on resuming, for the epochs before), so a resumed run draws the captions an uninterrupted one would.
     """
 
     def __init__(self, image_size: int = 64, length: int = 100_000, seed: int = 0, supersample: int = 4,
-                 split: Literal["train", "heldout"] = "train", first_slot_first: float = 0.5):
+                 split: Literal["train", "heldout"] = "train", first_slot_first: float | Sequence[float] = 0.5):
         for name, value, low in (("image_size", image_size, 4), ("length", length, 1), ("supersample", supersample, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -276,13 +291,29 @@ class ShapePairsDataset(ShapesDataset):
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.image_size, self.length, self.seed = image_size, length, int(seed)
         self.supersample, self.split = supersample, split
-        self.first_slot_first = check_number("first_slot_first", first_slot_first, low=0.0, high=1.0)
+        self.first_slot_first = first_slot_first_schedule(first_slot_first)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next items belong to (it picks the share of ``first_slot_first``)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    @property
+    def share(self) -> float:
+        """This epoch's share of captions naming the left / top object first."""
+        schedule = self.first_slot_first
+        return schedule if isinstance(schedule, float) else schedule[min(self.epoch, len(schedule) - 1)]
 
     def _draw(self, index: int) -> tuple[str, dict[str, Any], np.ndarray]:
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} is out of range for a data set of length {self.length}")
-        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index) % self.length])
-        attributes = prefer_first_slot_first(random_pair_attributes(rng, self.split), self.first_slot_first, rng)
+        key = [self.seed, SPLITS.index(self.split), int(index) % self.length]
+        rng = np.random.default_rng(key)
+        # the order's coin from a generator of its own: the scene (jitter, wording) is the same at any share
+        coin = np.random.default_rng([*key, 1])
+        attributes = prefer_first_slot_first(random_pair_attributes(rng, self.split), self.share, coin)
         jitter = rng.random(6)
         return make_pair_caption(attributes, rng), attributes, jitter
 
