@@ -17,7 +17,6 @@ and optimizer, saves gather them collectively, and every process samples.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import functools
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from imagen_lib import checkpoint as ckpt
 from imagen_lib.cascade import Cascade
 from imagen_lib.cascade_checkpoint import write_cascade_checkpoint
-from imagen_lib.training import accumulation, compilation, nonfinite, sharding, tracking, trainer_state
+from imagen_lib.training import accumulation, compilation, nonfinite, process_group, sharding, tracking, trainer_state
 from imagen_lib.training.data_order import DataOrder, DataPosition, start_position
 from imagen_lib.training.nonfinite import NonFiniteLossError
 from imagen_lib.training.posthoc_ema import PostHocTracker
@@ -79,22 +78,6 @@ class StageState:
     data: DataPosition = field(default_factory=DataPosition)
     skipped: int = 0
     skipped_in_a_row: int = 0
-
-
-
-@functools.cache
-def _end_process_group_at_exit() -> None:
-    """Destroy the process group when the interpreter exits, unless the script did (``accelerator.end_training()``).
-
-    Why: a process that exits with its gloo group alive tears the group's worker threads down during interpreter
-    finalization, and that can abort it (SIGABRT, "terminate called without an active exception") after the run
-    has finished and saved: the launcher then reports the whole run failed. Registered once per process."""
-
-    def end() -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    atexit.register(end)
 
 
 class Trainer:
@@ -148,7 +131,7 @@ class Trainer:
         log_with = tracking.check_log_with(log_with) if accelerator is None else None
         self.accelerator = accelerator or self._make_accelerator(cpu, log_with, project_dir, ddp_find_unused_parameters)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            _end_process_group_at_exit()  # the Trainer's or the caller's Accelerator: either group must end cleanly
+            process_group.end_at_exit()  # the Trainer's or the caller's Accelerator: either group must end cleanly
         self.scaler = self._make_scaler()
         self.run_id = uuid.uuid4().hex
         self.last_checkpoint: Optional[str] = None
