@@ -36,7 +36,7 @@ from imagen_lib.data.shapes import (
     draw_captions,
 )
 from imagen_lib.data.shapes import vocabulary as single_vocabulary
-from imagen_lib.validation import check_number
+from imagen_lib.validation import check_int, check_number
 
 # ----------------------------------------------------------------------------------------------
 # The data set's definition (a reader depends on these values)
@@ -296,9 +296,7 @@ class ShapePairsDataset(ShapesDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next items belong to (it picks the share of ``first_slot_first``)."""
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, low=0)
 
     @property
     def share(self) -> float:
